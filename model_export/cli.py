@@ -1,0 +1,58 @@
+"""``hopgate-export``: train | fit | calibrate | export | build | evaluate, from one config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from .config import ConfigError, load_config
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {p!r}")
+        out[key] = yaml.safe_load(value)  # typed: 3 -> int, true -> bool, [28,28] -> list
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hopgate-export", description=__doc__)
+    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "build", "evaluate"])
+    ap.add_argument("--config", "-c", help="YAML/JSON build config (default: built-in defaults)")
+    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set memory.beta=2 (repeatable)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--json", help="also write the step's report to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, _overrides(args.set))
+    except ConfigError as e:
+        print(f"hopgate-export: config error: {e}", file=sys.stderr)
+        return 2
+
+    from . import pipeline  # torch is imported only once the config is known to be good
+
+    progress = not args.no_progress
+    if args.command == "evaluate":
+        from .evaluate import format_quick, quick_report
+
+        report = quick_report(cfg, progress)
+        print(format_quick(report))
+    elif args.command == "build":
+        report = pipeline.build(cfg, progress)
+    else:
+        report = pipeline.STEPS[args.command](cfg, progress)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The build config: one YAML/JSON file that drives train -> fit -> calibrate -> export.
+
+Unknown keys and wrong types are errors that name the field (pydantic, ``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    id: str = "fashion_mnist"  # fashion_mnist | folder:PATH | npz:PATH
+    test: str | None = "fashion_mnist"  # ID test set for accuracy (same forms); None = none
+    train_subset: int | None = Field(None, gt=0)  # first N (shuffled, seeded) training images
+    test_subset: int | None = Field(None, gt=0)
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)  # calibration split, never trained on
+    size: tuple[int, int] = (28, 28)
+    channels: Literal[1, 3] = 1
+    resize: Literal["stretch", "center_crop"] = "stretch"
+
+
+class BackboneConfig(_Strict):
+    name: str = "small_resnet"  # small_resnet | efficientnet_lite0 | package.module:factory
+    epochs: int = Field(4, ge=0)
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(0.1, gt=0)
+    augment: bool = True
+    mean: list[float] | None = None  # default: the backbone's own, else 0.5 per channel
+    std: list[float] | None = None
+    method: Literal["plain", "greg", "greg_plus"] = "plain"  # OOD training (see greg.md)
+
+
+class MemoryConfig(_Strict):
+    beta: float = Field(5.0, gt=0)
+    memories: int = Field(10, gt=0)
+    steps: int = Field(1, ge=0)
+    bank: Literal["per_class", "shared"] = "per_class"
+    sampler: Literal["probs", "probs_as_logits"] = "probs"
+    weights: Literal["log", "tf"] = "log"
+    init: Literal["sample", "kmeans"] = "sample"
+    init_norm: float = Field(10.0, gt=0)
+    feature_norm: float | None = Field(None, gt=0)  # rescale features to this L2 norm; None = raw
+    epochs: int = Field(50, ge=0)
+    batch_size: int = Field(50, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    top_k: int = Field(3, gt=0)
+
+
+class CalibrateConfig(_Strict):
+    target_tpr: float = Field(0.95, gt=0, lt=1)
+    quantiles: int = Field(1001, ge=11)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=17)
+    parity_images: int = Field(1000, ge=1)
+
+
+class BuildConfig(_Strict):
+    name: str = "default"
+    seed: int = 0
+    workdir: Path = Path("artifacts/default")
+    output: Path = Path("models/default.onnx")
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    memory: MemoryConfig = MemoryConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    export: ExportConfig = ExportConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> BuildConfig:
+    """Read a YAML or JSON config (None = all defaults); ``overrides`` are dotted keys."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                             for err in e.errors())
+        raise ConfigError(f"{path or 'config'}: {problems}") from None

@@ -1,0 +1,127 @@
+"""ONNX export of a GatedModel, the bundle metadata, and the PyTorch <-> onnxruntime parity gate.
+
+The graph: uint8 images [B, H, W, C] (dynamic B) and an overridable scalar ``log_lambda``
+(an initializer that is also a graph input, so a deployment can move the threshold without
+re-export) -> the outputs named in service/bundle.py. The T update steps are unrolled in
+Python, so the graph holds no Loop op and every shape but B is static.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from service.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
+
+from .model import GatedModel
+
+
+class ParityError(RuntimeError):
+    """PyTorch and onnxruntime disagree on the exported graph."""
+
+
+def export_onnx(model: GatedModel, meta: BundleMeta, path: str | Path, opset: int = 18) -> Path:
+    """Trace ``model`` and write a self-describing bundle to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    example = torch.zeros((2, meta.height, meta.width, meta.channels), dtype=torch.uint8)
+    tau = torch.tensor(meta.threshold, dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example, tau), dynamo=True, opset_version=opset,
+            input_names=[INPUT_IMAGES, INPUT_LOG_LAMBDA], output_names=list(OUTPUTS),
+            dynamic_shapes=({0: batch}, None), optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    _make_threshold_overridable(proto, meta.threshold)
+    del proto.metadata_props[:]
+    for k, v in meta.to_props().items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.producer_name = "hopgate"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _make_threshold_overridable(proto: onnx.ModelProto, threshold: float) -> None:
+    """Give the ``log_lambda`` input a default: an initializer of the same name (ORT treats
+    an initializer that is also a graph input as overridable)."""
+    names = {i.name for i in proto.graph.initializer}
+    if INPUT_LOG_LAMBDA in names:
+        proto.graph.initializer.remove(
+            next(i for i in proto.graph.initializer if i.name == INPUT_LOG_LAMBDA))
+    proto.graph.initializer.append(
+        numpy_helper.from_array(np.asarray(threshold, dtype=np.float32), INPUT_LOG_LAMBDA))
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(session, images: np.ndarray, log_lambda: float | None = None,
+            batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Run the bundle over uint8 images in batches; outputs concatenated by name."""
+    parts: dict[str, list] = {k: [] for k in OUTPUTS}
+    for i in range(0, len(images), batch_size):
+        feed = {INPUT_IMAGES: np.ascontiguousarray(images[i:i + batch_size])}
+        if log_lambda is not None:
+            feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
+        for k, v in zip(OUTPUTS, session.run(list(OUTPUTS), feed)):
+            parts[k].append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def run_torch(model: GatedModel, images: np.ndarray, log_lambda: float,
+              batch_size: int = 256) -> dict[str, np.ndarray]:
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in OUTPUTS}
+    for i in range(0, len(images), batch_size):
+        out = model.run(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), log_lambda)
+        for k in OUTPUTS:
+            parts[k].append(out[k].numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_lambda: float,
+                 rtol: float = 1e-4) -> dict:
+    """PyTorch vs onnxruntime on real images: every score within rtol*(1+|score|), identical
+    is_ood, pred_class and memory_index; batch 1 and batch 64 must both run.
+
+    Raises ParityError naming the first disagreement; returns a small report.
+    """
+    sess = ort_session(path)
+    ref = run_torch(model, images, log_lambda)
+    got = run_ort(sess, images)  # the bundle's own default threshold
+    diff = np.abs(ref["score"] - got["score"])
+    tol = rtol * (1.0 + np.abs(ref["score"]))
+    problems = []
+    if np.any(diff > tol):
+        i = int(np.argmax(diff / tol))
+        problems.append(f"score of image {i}: torch {ref['score'][i]:.6f} vs onnx {got['score'][i]:.6f}")
+    for k in ("is_ood", "pred_class", "memory_index"):
+        bad = np.flatnonzero((ref[k] != got[k]).reshape(len(images), -1).any(1))
+        if len(bad):
+            problems.append(f"{k} differs on {len(bad)} images (first: {int(bad[0])})")
+    for b in (1, 64):  # the dynamic batch axis really is dynamic
+        if len(images) >= b:
+            one = run_ort(sess, images[:b], batch_size=b)
+            if not np.allclose(one["score"], got["score"][:b], rtol=rtol, atol=rtol):
+                problems.append(f"batch {b} scores differ from the batched run")
+    if problems:
+        raise ParityError(f"{path}: parity check failed on {len(images)} images: " + "; ".join(problems))
+    return {"images": int(len(images)), "max_score_abs_diff": float(diff.max()),
+            "max_rel_diff": float((diff / (1.0 + np.abs(ref["score"]))).max())}

@@ -1,0 +1,40 @@
+"""OOD metrics with ID as the positive class (higher score = more ID), on scikit-learn.
+
+FPR95 comes in two conventions, named apart:
+  * ``fpr95_ood_accepted``: share of OOD accepted when the threshold keeps 95 % of ID
+    (the RecLag paper, most OOD papers);
+  * ``fpr95_id_rejected``: share of ID rejected when the threshold catches 95 % of OOD
+    (OpenOOD, which treats OOD as the positive class).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def _labels(id_scores, ood_scores):
+    s = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    y = np.concatenate([np.ones(len(id_scores)), np.zeros(len(ood_scores))])
+    return s, y
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
+    """OOD accepted at the first ROC point whose TPR reaches ``tpr`` (ID positive)."""
+    s, y = _labels(id_scores, ood_scores)
+    fpr, tp, _ = roc_curve(y, s)
+    return float(fpr[np.searchsorted(tp, tpr, side="left")])
+
+
+def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
+    s, y = _labels(id_scores, ood_scores)
+    fpr, tpr, _ = roc_curve(y, s)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr_in": float(average_precision_score(y, s)),
+        "aupr_out": float(average_precision_score(1 - y, -s)),
+        "fpr95_ood_accepted": fpr_at_tpr(id_scores, ood_scores, 0.95),
+        # swap roles: OOD positive with score -s; "FPR" is then the ID rejected
+        "fpr95_id_rejected": fpr_at_tpr(-np.asarray(ood_scores), -np.asarray(id_scores), 0.95),
+        "detection_error": float(np.min(0.5 * (1 - tpr) + 0.5 * fpr)),
+    }

@@ -1,0 +1,74 @@
+"""Train a backbone's classifier on ID images (the whole net, or only its head when frozen)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Split
+from .model import Normalize
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a +-2 px shift: cheap, label-preserving for Fashion-MNIST."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int, batch_size: int,
+                     lr: float, seed: int, augment_images: bool = True, progress: bool = True):
+    """SGD with one-cycle learning rate; returns the per-epoch mean loss."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = getattr(backbone, "trainable_prefix", None)
+    params = [p for n, p in backbone.named_parameters()
+              if p.requires_grad and (prefix is None or n.startswith(prefix))]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * (len(data) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    frozen = prefix is not None
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    if frozen:  # a frozen trunk gives the same features every epoch: extract them once
+        images, _ = extract(backbone, normalize, data.images, progress=progress,
+                            desc="frozen features")
+    history = []
+    for epoch in range(epochs):
+        backbone.train()
+        order = torch.randperm(len(data), generator=gen)
+        losses = []
+        bar = tqdm(range(len(data) // batch_size), desc=f"train epoch {epoch + 1}/{epochs}",
+                   disable=not progress, leave=False)
+        for i in bar:
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            if frozen:
+                logits = backbone.fc(images[idx])
+            else:
+                x = normalize(images[idx])
+                _, logits = backbone(augment(x, gen) if augment_images else x)
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        history.append(float(np.mean(losses)))
+    backbone.eval()
+    return history
+
+
+@torch.no_grad()
+def extract(backbone, normalize: Normalize, images: np.ndarray, batch_size: int = 512,
+            progress: bool = False, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features and logits of uint8 images, in eval mode."""
+    backbone.eval()
+    phis, logits = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        p, lo = backbone(normalize(torch.from_numpy(images[i:i + batch_size])))
+        phis.append(p)
+        logits.append(lo)
+    return torch.cat(phis), torch.cat(logits)

@@ -1,0 +1,3 @@
+"""hopgate's serving side: onnxruntime, FastAPI, no torch."""
+
+__version__ = "0.1.0"
