@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         report = quick_report(cfg, progress)
         print(format_quick(report))
     elif args.command == "build":
+        from .card import write_card
+        from .evaluate import quick_report
+
         report = pipeline.build(cfg, progress)
+        card = write_card(cfg, report, quick_report(cfg, progress), args.config)
+        print(f"[hopgate-export] model card {card}")
     else:
         report = pipeline.STEPS[args.command](cfg, progress)
     if args.json:

@@ -1,0 +1,80 @@
+"""A quick rebuild of the default recipe still behaves; the committed default bundle too."""
+
+from pathlib import Path
+
+import pytest
+
+from model_export import data
+from model_export.config import ConfigError, load_config
+from model_export.export import ort_session, run_ort
+from service.bundle import load_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / "models" / "default.onnx"
+
+
+def test_quick_build_behaves(quick_build):
+    cfg, report = quick_build
+    # a 1-epoch, 12k-image run: far from the default's 90 %, but clearly learned
+    assert report["train"]["test_accuracy"] >= 0.80
+    calib = report["calibrate"]
+    assert abs(calib["holdout_tpr"] - cfg.calibrate.target_tpr) < 0.01
+    assert report["export"]["parity"]["images"] >= 1000
+    meta = load_meta(cfg.output)
+    assert meta.threshold == pytest.approx(calib["threshold"])
+    assert meta.class_names == data.FASHION_CLASSES
+    assert meta.score_quantiles == sorted(meta.score_quantiles)
+
+
+def test_quick_build_is_deterministic(quick_build, tmp_path):
+    """Same config and seed -> the same memories (fit is seeded; official code was not)."""
+    import torch
+
+    from model_export import pipeline
+
+    cfg, _ = quick_build
+    again = cfg.model_copy(update={"workdir": tmp_path})
+    (tmp_path / "backbone.pt").write_bytes((cfg.workdir / "backbone.pt").read_bytes())
+    pipeline.step_fit(again, progress=False)
+    a = torch.load(cfg.workdir / "memory.pt")["banks"]
+    b = torch.load(tmp_path / "memory.pt")["banks"]
+    assert torch.equal(a, b)
+
+
+def test_default_bundle_is_accurate_and_calibrated():
+    """The committed models/default.onnx on the full Fashion-MNIST test set, via onnxruntime."""
+    meta = load_meta(DEFAULT_BUNDLE)
+    test = data.fashion_mnist("test")
+    out = run_ort(ort_session(DEFAULT_BUNDLE), test.images)
+    accuracy = float((out["pred_class"] == test.labels).mean())
+    accepted = float((~out["is_ood"]).mean())
+    assert accuracy >= 0.90, accuracy
+    assert abs(accepted - meta.target_tpr) <= 0.015, accepted
+    assert (out["memory_index"][out["is_ood"]] == -1).all()
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memory:\n  beta: hot\n")
+    with pytest.raises(ConfigError, match=r"memory\.beta"):
+        load_config(bad)
+    bad.write_text("backbone:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"backbone\.epochz: Extra inputs are not permitted"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"data\.channels"):
+        load_config(None, {"data.channels": 2})
+
+
+def test_missing_dataset_gives_the_install_command(tmp_path):
+    with pytest.raises(data.DataError, match="apt-get install -y dataset-fashion-mnist"):
+        data.fashion_mnist("train", root=tmp_path)
+
+
+def test_all_configs_in_the_repo_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
