@@ -11,7 +11,8 @@ from .config import BuildConfig
 from .evaluate import format_quick
 
 
-def write_card(cfg: BuildConfig, build_report: dict, quick: dict, config_path: str | None) -> Path:
+def write_card(cfg: BuildConfig, export_report: dict, quick: dict, config_path: str | None,
+               seconds: float | None = None) -> Path:
     meta = load_meta(cfg.output)
     path = Path(cfg.output).with_suffix(".md")
     size_mb = Path(cfg.output).stat().st_size / 1e6
@@ -20,7 +21,8 @@ def write_card(cfg: BuildConfig, build_report: dict, quick: dict, config_path: s
         f"# Model card: `{Path(cfg.output).name}` ({meta.model_version})",
         "",
         f"Made by hopgate {meta.hopgate_version} on {meta.created} "
-        f"({platform.machine()}, {build_report.get('seconds', '?')} s for the whole build).",
+        f"({platform.machine()}" + (f", {seconds:.0f} s for the whole build" if seconds else "")
+        + ").",
         "",
         "## What it is",
         f"- ID data: `{cfg.data.id}` ({', '.join(meta.class_names)}); training-data fingerprint "
@@ -37,9 +39,9 @@ def write_card(cfg: BuildConfig, build_report: dict, quick: dict, config_path: s
         "## How good",
         f"- Threshold (log-domain, OOD iff score < threshold): **{meta.threshold:.4f}**, "
         f"calibrated at TPR {meta.target_tpr} on {meta.calibration_size} held-out ID images "
-        f"(held-out TPR {build_report['calibrate']['holdout_tpr']:.4f}).",
-        f"- Parity PyTorch vs onnxruntime on {build_report['export']['parity']['images']} real images: "
-        f"max |score difference| {build_report['export']['parity']['max_score_abs_diff']:.2e}; "
+        f"(held-out TPR {quick['holdout_tpr']:.4f}).",
+        f"- Parity PyTorch vs onnxruntime on {export_report['parity']['images']} real images: "
+        f"max |score difference| {export_report['parity']['max_score_abs_diff']:.2e}; "
         "flags, classes and memory indices identical.",
         "",
         format_quick(quick),

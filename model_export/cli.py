@@ -44,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
 
         report = quick_report(cfg, progress)
         print(format_quick(report))
-    elif args.command == "build":
-        from .card import write_card
-        from .evaluate import quick_report
-
-        report = pipeline.build(cfg, progress)
-        card = write_card(cfg, report, quick_report(cfg, progress), args.config)
-        print(f"[hopgate-export] model card {card}")
     else:
-        report = pipeline.STEPS[args.command](cfg, progress)
+        report = (pipeline.build(cfg, progress) if args.command == "build"
+                  else pipeline.STEPS[args.command](cfg, progress))
+        if args.command in ("build", "export"):  # every bundle gets its model card
+            from .card import write_card
+            from .evaluate import quick_report
+
+            exported = report["export"] if args.command == "build" else report
+            card = write_card(cfg, exported, quick_report(cfg, progress), args.config,
+                              report.get("seconds"))
+            print(f"[hopgate-export] model card {card}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)

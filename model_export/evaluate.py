@@ -32,6 +32,7 @@ def quick_report(cfg: BuildConfig, progress: bool = True) -> dict:
         "test_accuracy": float((pred == test.labels).mean()),
         "threshold": calib["threshold"],
         "target_tpr": calib["target_tpr"],
+        "holdout_tpr": calib["holdout_tpr"],
         "test_tpr": accepted_share(id_scores, calib["threshold"]),
         "ood": {},
     }
