@@ -11,10 +11,15 @@ import numpy as np
 
 
 def threshold_at_tpr(id_scores: np.ndarray, target_tpr: float) -> float:
-    """Largest tau with share(score >= tau) >= target_tpr on the held-out ID scores."""
+    """tau with share(score >= tau) >= target_tpr on the held-out ID scores.
+
+    tau sits halfway between two neighbouring calibration scores, never on one, so float32
+    rounding between PyTorch and onnxruntime cannot flip a calibration image's verdict.
+    """
     s = np.sort(np.asarray(id_scores, dtype=np.float64))
-    k = int(math.floor((1.0 - target_tpr) * len(s)))
-    return float(s[min(max(k, 0), len(s) - 1)])
+    k = min(max(int(math.floor((1.0 - target_tpr) * len(s))), 0), len(s) - 1)
+    below = s[k - 1] if k > 0 else s[0] - 1.0
+    return float((below + s[k]) / 2.0)
 
 
 def quantile_table(id_scores: np.ndarray, size: int = 1001) -> list[float]:

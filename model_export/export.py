@@ -99,7 +99,8 @@ def run_torch(model: GatedModel, images: np.ndarray, log_lambda: float,
 def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_lambda: float,
                  rtol: float = 1e-4) -> dict:
     """PyTorch vs onnxruntime on real images: every score within rtol*(1+|score|), identical
-    is_ood, pred_class and memory_index; batch 1 and batch 64 must both run.
+    is_ood, pred_class and memory_index (except rows whose score is within that tolerance of
+    the threshold, counted as ``borderline``); batch 1 and batch 64 must both run.
 
     Raises ParityError naming the first disagreement; returns a small report.
     """
@@ -112,8 +113,14 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
     if np.any(diff > tol):
         i = int(np.argmax(diff / tol))
         problems.append(f"score of image {i}: torch {ref['score'][i]:.6f} vs onnx {got['score'][i]:.6f}")
+    # A score within float tolerance of the threshold has no well-defined verdict: those rows
+    # (counted in the report) are exempt from the flag comparison, all others must match.
+    borderline = np.abs(ref["score"] - log_lambda) <= tol
     for k in ("is_ood", "pred_class", "memory_index"):
-        bad = np.flatnonzero((ref[k] != got[k]).reshape(len(images), -1).any(1))
+        differs = (ref[k] != got[k]).reshape(len(images), -1).any(1)
+        if k != "pred_class":
+            differs &= ~borderline
+        bad = np.flatnonzero(differs)
         if len(bad):
             problems.append(f"{k} differs on {len(bad)} images (first: {int(bad[0])})")
     for b in (1, 64):  # the dynamic batch axis really is dynamic
@@ -123,5 +130,6 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
                 problems.append(f"batch {b} scores differ from the batched run")
     if problems:
         raise ParityError(f"{path}: parity check failed on {len(images)} images: " + "; ".join(problems))
-    return {"images": int(len(images)), "max_score_abs_diff": float(diff.max()),
+    return {"images": int(len(images)), "borderline": int(borderline.sum()),
+            "max_score_abs_diff": float(diff.max()),
             "max_rel_diff": float((diff / (1.0 + np.abs(ref["score"]))).max())}
