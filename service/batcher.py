@@ -1,0 +1,173 @@
+"""Dynamic batcher: counts images, not requests.
+
+Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
+  * Each image is one queue item with its own deadline. A request with more images than the
+    largest bucket is simply several items: batches never exceed the largest bucket.
+  * A lone request never waits: when a batch slot is free and nothing is in flight, the
+    queue is flushed at once.
+  * Images accumulate only while the runtime is busy. With more than one batch slot, a free
+    slot waits for a full largest bucket, the in-flight batch to finish, or the oldest
+    image to reach ``max_delay_ms``, whichever comes first (a hard ceiling).
+  * A batch is padded to the smallest bucket that holds it (all buckets are warmed).
+  * The queue is bounded in images: a request that does not fit is rejected at once
+    (``QueueFull``), never parked.
+  * Expired items are dropped when a batch is formed: they never reach the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import Metrics
+from .runtime import Runtime
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Item:
+    image: np.ndarray
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, runtime: Runtime, metrics: Metrics, buckets: list[int], queue_images: int,
+                 max_delay_ms: float, slots: int = 1):
+        self.runtime, self.metrics = runtime, metrics
+        self.buckets, self.max_batch = sorted(buckets), max(buckets)
+        self.capacity, self.max_delay = queue_images, max_delay_ms / 1000.0
+        self.slots = slots
+        self.queue: deque[Item] = deque()
+        self.inflight = 0  # batches being computed
+        self.inflight_images = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="hopgate-runtime")
+        self._task: asyncio.Task | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def submit(self, images: list[np.ndarray], deadline: float) -> list[asyncio.Future]:
+        """Queue images (all or none); returns one future per image."""
+        if self.closed:
+            raise ShuttingDown()
+        if len(self.queue) + len(images) > self.capacity:
+            raise QueueFull()
+        loop = asyncio.get_running_loop()
+        items = [Item(img, deadline, loop.create_future()) for img in images]
+        self.queue.extend(items)
+        self._idle.clear()
+        self.metrics.queue_depth.set(len(self.queue))
+        self._wake.set()
+        return [i.future for i in items]
+
+    def _bucket(self, n: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, n)]
+
+    def _take(self) -> list[Item]:
+        now = time.monotonic()
+        batch: list[Item] = []
+        while self.queue and len(batch) < self.max_batch:
+            item = self.queue.popleft()
+            if item.future.done():  # the request went away (deadline reached while queued)
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded())
+                continue
+            batch.append(item)
+        self.metrics.queue_depth.set(len(self.queue))
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.queue:
+                if self.inflight == 0:
+                    self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.inflight >= self.slots:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.inflight > 0 and len(self.queue) < self.max_batch:
+                # busy with a free slot: linger for a fuller batch, at most max_delay
+                wait = self.queue[0].enqueued + self.max_delay - time.monotonic()
+                if wait > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    else:
+                        continue
+            batch = self._take()
+            if batch:
+                self.inflight += 1
+                asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[Item]) -> None:
+        n = len(batch)
+        bucket = self._bucket(n)
+        started = time.monotonic()
+        for item in batch:
+            self.metrics.queue_wait.observe(started - item.enqueued)
+        self.inflight_images += n
+        self.metrics.inflight.set(self.inflight_images)
+        self.metrics.batch_size.observe(n)
+        images = np.stack([i.image for i in batch])
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.runtime.run, images, bucket)
+        except Exception as e:  # the runtime failed: every image of the batch gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        else:
+            compute = time.monotonic() - started
+            self.metrics.compute.observe(compute)
+            for j, item in enumerate(batch):
+                if not item.future.done():
+                    row = {k: v[j] for k, v in out.items()}
+                    item.future.set_result((row, started - item.enqueued, compute, n))
+        finally:
+            self.inflight -= 1
+            self.inflight_images -= n
+            self.metrics.inflight.set(self.inflight_images)
+            self._wake.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking new work; wait until everything accepted has been computed."""
+        self.closed = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

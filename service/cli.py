@@ -1,0 +1,93 @@
+"""``hopgate-serve``: start the service (settings: environment HOPGATE_*, then these flags).
+
+SIGTERM/SIGINT: /readyz fails at once, new work is refused (503, reason ``shutdown``), what
+was accepted is finished (at most ``drain_seconds``), then uvicorn exits. A second signal
+exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import uvicorn
+
+from .config import Settings
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        if msg.startswith("{"):
+            try:
+                doc.update(json.loads(msg))
+            except ValueError:
+                doc["message"] = msg
+        else:
+            doc["message"] = msg
+        return json.dumps(doc)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain between the signal and the exit."""
+
+    def __init__(self, config: uvicorn.Config, app, drain_seconds: float):
+        super().__init__(config)
+        self.hopgate_app, self.drain_seconds = app, drain_seconds
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:  # second signal: leave now
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        self.hopgate_app.state.draining = True  # /readyz fails from here on
+        logging.getLogger("hopgate").info("signal %s: draining for at most %.1fs", sig,
+                                          self.drain_seconds)
+        asyncio.get_event_loop().call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._drain_then_exit(sig, frame)))
+
+    async def _drain_then_exit(self, sig, frame) -> None:
+        batcher = getattr(self.hopgate_app.state, "batcher", None)
+        if batcher is not None:
+            await batcher.drain(self.drain_seconds)
+        await asyncio.sleep(0.05)  # let the last responses be written
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hopgate-serve", description=__doc__)
+    ap.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    ap.add_argument("--port", type=int, help="port (default 8000)")
+    ap.add_argument("--model", help="bundle path (default: the bundled models/default.onnx)")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model}.items()
+                 if v is not None}
+    settings = Settings(**overrides)
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+
+    from .api import create_app
+    from .bundle import BundleError, load_meta
+
+    try:
+        load_meta(settings.model)  # a clear refusal before anything starts
+    except BundleError as e:
+        print(f"hopgate-serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds) + 1)
+    server = DrainingServer(config, app, settings.drain_seconds)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

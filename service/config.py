@@ -1,0 +1,57 @@
+"""Service settings: environment (prefix ``HOPGATE_``), then the command line, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOPGATE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: Path = DEFAULT_MODEL
+
+    # batcher
+    buckets: list[int] = [1, 2, 4, 8, 16, 32, 64]  # padded batch sizes, all warmed before ready
+    max_delay_ms: float = Field(2.0, ge=0)  # longest linger to fill a bucket while busy
+    batch_slots: int = Field(1, ge=1)  # batches in flight at once (1 on CPU: ORT uses all threads)
+    queue_images: int = Field(512, ge=1)  # queued images beyond which requests are rejected
+    reject_status: Literal[429, 503] = 503
+    retry_after_s: int = Field(1, ge=0)
+    deadline_ms: float = Field(10_000, gt=0)  # a request header may shorten it, never lengthen
+
+    # runtime
+    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    intra_op_threads: int = Field(0, ge=0)  # 0: onnxruntime's default (all cores)
+    inter_op_threads: int = Field(1, ge=0)
+    decode_threads: int = Field(2, ge=1)
+
+    # limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_images: int = Field(64, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)  # per image, before decoding (bomb guard)
+
+    # operations
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    drain_seconds: float = Field(20.0, ge=0)  # longest wait for accepted work after SIGTERM
+    log_requests: bool = True
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted_buckets(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v):
+            raise ValueError("buckets must be positive batch sizes")
+        return sorted(set(v))
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip() or None
+        return self.api_key or None

@@ -1,0 +1,64 @@
+"""onnxruntime session for one bundle: provider choice (CUDA, then CPU), bucket padding, warm-up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleError, BundleMeta, load_meta
+
+log = logging.getLogger("hopgate.runtime")
+
+
+class Runtime:
+    """Runs padded batches of uint8 images through the bundle. Not thread-safe by design:
+    the batcher calls it from one worker thread per batch slot (ORT's run() itself is safe)."""
+
+    def __init__(self, path: str | Path, providers: list[str], intra_op_threads: int = 0,
+                 inter_op_threads: int = 1):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.meta: BundleMeta = load_meta(self.path)
+        available = ort.get_available_providers()
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the overridable log_lambda initializer is intended
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)
+        except Exception as e:
+            raise BundleError(f"{self.path}: onnxruntime cannot load it: {e}") from None
+        self.provider = self.session.get_providers()[0]
+        names = {i.name for i in self.session.get_inputs()}
+        if INPUT_IMAGES not in names:
+            raise BundleError(f"{self.path}: graph has no '{INPUT_IMAGES}' input")
+        missing = set(OUTPUTS) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise BundleError(f"{self.path}: graph lacks outputs {sorted(missing)}")
+        self.has_log_lambda = INPUT_LOG_LAMBDA in names
+        m = self.meta
+        self.shape = (m.height, m.width, m.channels)
+        log.info("loaded %s (%s) on %s (available: %s)", self.path.name, m.model_version,
+                 self.provider, ", ".join(available))
+
+    def run(self, images: np.ndarray, bucket: int | None = None,
+            log_lambda: float | None = None) -> dict[str, np.ndarray]:
+        """images uint8 [n, H, W, C]; zero-padded to ``bucket`` rows, outputs cut back to n."""
+        n = len(images)
+        if bucket and bucket > n:
+            pad = np.zeros((bucket - n, *self.shape), dtype=np.uint8)
+            images = np.concatenate([images, pad])
+        feed = {INPUT_IMAGES: np.ascontiguousarray(images, dtype=np.uint8)}
+        if log_lambda is not None and self.has_log_lambda:
+            feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
+        out = self.session.run(list(OUTPUTS), feed)
+        return {k: v[:n] for k, v in zip(OUTPUTS, out)}
+
+    def warm(self, buckets: list[int]) -> None:
+        """One run per bucket so the first real request of each size pays no set-up."""
+        for b in buckets:
+            self.run(np.zeros((b, *self.shape), dtype=np.uint8))
