@@ -288,6 +288,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def envelope(request: Request, call_next):
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        app.state.last_request = time.monotonic()
         request.state.request_id, request.state.reason, request.state.images = rid, None, 0
         t0 = time.perf_counter()
         path = request.url.path
@@ -304,6 +305,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response = await call_next(request)
         elapsed = time.perf_counter() - t0
         response.headers["x-request-id"] = rid
+        if app.state.draining:  # no keep-alive reuse of a connection that is about to close
+            response.headers["connection"] = "close"
         counted = path == "/score" or path.startswith("/v2/models")
         if counted and hasattr(app.state, "metrics"):
             reason = request.state.reason or ("ok" if response.status_code < 400 else "internal")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 import uvicorn
 
@@ -35,9 +36,9 @@ class JsonFormatter(logging.Formatter):
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain between the signal and the exit."""
 
-    def __init__(self, config: uvicorn.Config, app, drain_seconds: float):
+    def __init__(self, config: uvicorn.Config, app, drain_seconds: float, quiet_seconds: float):
         super().__init__(config)
-        self.hopgate_app, self.drain_seconds = app, drain_seconds
+        self.hopgate_app, self.drain_seconds, self.quiet = app, drain_seconds, quiet_seconds
         self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
@@ -51,10 +52,15 @@ class DrainingServer(uvicorn.Server):
             lambda: asyncio.ensure_future(self._drain_then_exit(sig, frame)))
 
     async def _drain_then_exit(self, sig, frame) -> None:
-        batcher = getattr(self.hopgate_app.state, "batcher", None)
+        state, t0 = self.hopgate_app.state, time.monotonic()
+        batcher = getattr(state, "batcher", None)
         if batcher is not None:
             await batcher.drain(self.drain_seconds)
-        await asyncio.sleep(0.05)  # let the last responses be written
+        # keep listening (and answering 503 "shutdown", Connection: close) until clients have
+        # gone quiet, so no request is cut off by the listener closing under it
+        while (time.monotonic() - getattr(state, "last_request", 0.0) < self.quiet
+               and time.monotonic() - t0 < self.drain_seconds):
+            await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
 
 
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds) + 1)
-    server = DrainingServer(config, app, settings.drain_seconds)
+    server = DrainingServer(config, app, settings.drain_seconds, settings.drain_quiet_seconds)
     server.run()
     return 0
 

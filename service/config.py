@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,7 +21,7 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(2.0, ge=0)  # longest linger to fill a bucket while busy
     batch_slots: int = Field(1, ge=1)  # batches in flight at once (1 on CPU: ORT uses all threads)
     queue_images: int = Field(512, ge=1)  # queued images beyond which requests are rejected
-    reject_status: Literal[429, 503] = 503
+    reject_status: int = 503  # 503 or 429
     retry_after_s: int = Field(1, ge=0)
     deadline_ms: float = Field(10_000, gt=0)  # a request header may shorten it, never lengthen
 
@@ -42,7 +40,15 @@ class Settings(BaseSettings):
     api_key: str | None = None
     api_key_file: Path | None = None
     drain_seconds: float = Field(20.0, ge=0)  # longest wait for accepted work after SIGTERM
+    drain_quiet_seconds: float = Field(0.5, ge=0)  # ... and until no request came for this long
     log_requests: bool = True
+
+    @field_validator("reject_status")
+    @classmethod
+    def _reject(cls, v: int) -> int:
+        if v not in (429, 503):
+            raise ValueError("reject_status must be 429 or 503")
+        return v
 
     @field_validator("buckets")
     @classmethod
