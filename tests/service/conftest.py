@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,20 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.local import local_server
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "default.onnx"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
-        self.proc, self.port, self.log = proc, port, log
-        self.url = f"http://127.0.0.1:{port}"
+    """A LocalServer with an httpx client factory."""
+
+    def __init__(self, local):
+        self.proc, self.port, self.url, self.log = local.proc, local.port, local.url, local.log
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kw)
@@ -38,37 +29,10 @@ class Server:
 
 @contextmanager
 def serve(tmp_path: Path, **settings):
-    """Start ``hopgate-serve`` with HOPGATE_* settings; yields once /readyz answers 200."""
-    port = free_port()
-    env = {**os.environ, "HOPGATE_PORT": str(port), "HOPGATE_HOST": "127.0.0.1",
-           "HOPGATE_MODEL": str(BUNDLE), "HOPGATE_INTRA_OP_THREADS": "2"}
-    env.update({f"HOPGATE_{k.upper()}": str(v) for k, v in settings.items()})
-    log = tmp_path / f"server-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    server = Server(proc, port, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()}")
-            try:
-                if httpx.get(server.url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in 60 s: {log.read_text()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    """A real hopgate-serve on a loopback port, with the default bundle and two threads."""
+    settings.setdefault("intra_op_threads", 2)
+    with local_server(tmp_path, BUNDLE, **settings) as s:
+        yield Server(s)
 
 
 @pytest.fixture(scope="module")
