@@ -272,12 +272,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher.start()
         app.state.metrics, app.state.batcher = metrics, batcher
         app.state.scorer = Scorer(settings, runtime, metrics, batcher)
+        if settings.upstream_url:
+            from .gate import Gate
+
+            app.state.gate = Gate(settings.upstream_url, settings.upstream_timeout_s,
+                                  settings.upstream_policy, settings.gate_ood_status,
+                                  settings.gate_ood_body, metrics.registry)
         app.state.ready, app.state.draining = True, False
         logging.getLogger("hopgate").info("ready: %s on %s", m.model_version, runtime.provider)
         yield
         app.state.ready = False
         await batcher.drain(settings.drain_seconds)
         batcher.close()
+        if app.state.gate is not None:
+            await app.state.gate.close()
 
     app = FastAPI(title="hopgate", version=__version__, lifespan=lifespan,
                   description="OOD gatekeeper: RecLag modern-Hopfield memories on onnxruntime.")

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     drain_quiet_seconds: float = Field(0.5, ge=0)  # ... and until no request came for this long
     log_requests: bool = True
 
+    # gatekeeper mode (service/gate.py): forward ID images to this upstream classifier
+    upstream_url: str | None = None
+    upstream_timeout_s: float = Field(5.0, gt=0)
+    upstream_policy: str = "fail_closed"  # fail_open | fail_closed
+    gate_ood_status: int = Field(422, ge=200, le=599)
+    gate_ood_body: str = ""  # JSON object merged into OOD answers
+
     @field_validator("reject_status")
     @classmethod
     def _reject(cls, v: int) -> int:

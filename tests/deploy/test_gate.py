@@ -1,0 +1,135 @@
+"""Gatekeeper mode with a real upstream process on loopback that counts its calls."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from service.local import free_port, local_server
+
+UPSTREAM = textwrap.dedent('''
+    import sys, time, json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    calls, traces, delay = [0], [], float(sys.argv[2])
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def _send(self, code, doc):
+            b = json.dumps(doc).encode()
+            self.send_response(code); self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(b))); self.end_headers(); self.wfile.write(b)
+        def do_GET(self):
+            self._send(200, {"calls": calls[0], "traces": traces})
+        def do_POST(self):
+            n = int(self.headers["content-length"]); self.rfile.read(n)
+            calls[0] += 1; traces.append(self.headers.get("traceparent"))
+            time.sleep(delay)
+            self._send(200, {"label": "sneaker", "bytes": n})
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+class Upstream:
+    def __init__(self, delay: float = 0.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(self.port), str(delay)])
+        for _ in range(100):
+            try:
+                httpx.get(self.url, timeout=0.5)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("upstream did not start")
+
+    def state(self):
+        return httpx.get(self.url).json()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def png(arr) -> bytes:
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(arr.squeeze(-1)).save(b, "PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images():
+    from model_export import data
+    from model_export.export import ort_session, run_ort
+
+    from conftest import DEFAULT_BUNDLE
+
+    test = data.fashion_mnist("test").subset(np.arange(500))
+    out = run_ort(ort_session(DEFAULT_BUNDLE), test.images)
+    id_img = test.images[int(np.flatnonzero(~out["is_ood"] & (out["msp"] > 0.99))[0])]
+    digits = data.resize_all(data.ood_digits()[:50], (28, 28), 1)
+    d_out = run_ort(ort_session(DEFAULT_BUNDLE), digits)
+    return png(id_img), png(digits[int(np.flatnonzero(d_out["is_ood"])[0])])
+
+
+def post(s, blob, **headers):
+    return httpx.post(s.url + "/score", content=blob, timeout=30,
+                      headers={"content-type": "image/png", **headers})
+
+
+def test_id_passes_through_ood_never_reaches_upstream(tmp_path, images):
+    id_png, ood_png = images
+    up = Upstream()
+    try:
+        with local_server(tmp_path, upstream_url=up.url + "/predict", intra_op_threads=2,
+                          gate_ood_status=403, gate_ood_body='{"blocked": true}') as s:
+            tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            r = post(s, id_png, traceparent=tp)
+            assert r.status_code == 200
+            res = r.json()["results"][0]
+            assert res["ood"] is False
+            assert res["upstream"] == {"status": 200, "body": {"label": "sneaker", "bytes": len(id_png)}}
+            r = post(s, ood_png)
+            assert r.status_code == 403 and r.json()["blocked"] is True
+            assert r.json()["results"][0]["ood"] is True and r.json()["results"][0]["held_back"]
+            metrics = httpx.get(s.url + "/metrics").text
+        state = up.state()
+        assert state["calls"] == 1  # the OOD image never reached it
+        assert state["traces"] == [tp]
+        assert "hopgate_upstream_held_back_total 1.0" in metrics
+        assert 'hopgate_upstream_calls_total{outcome="ok"} 1.0' in metrics
+    finally:
+        up.stop()
+
+
+@pytest.mark.parametrize("policy,status", [("fail_closed", 502), ("fail_open", 200)])
+def test_upstream_down_gets_the_policy(tmp_path, images, policy, status):
+    dead = f"http://127.0.0.1:{free_port()}/predict"  # nothing listens there
+    with local_server(tmp_path, upstream_url=dead, upstream_policy=policy, intra_op_threads=2) as s:
+        r = post(s, images[0])
+        assert r.status_code == status
+        res = r.json()["results"][0]
+        assert res["ood"] is False and "unreachable" in res["upstream"]["error"]
+        assert "hopgate_upstream_errors_total{kind=\"unreachable\"} 1.0" in httpx.get(s.url + "/metrics").text
+
+
+def test_slow_upstream_gets_the_timeout(tmp_path, images):
+    up = Upstream(delay=3.0)
+    try:
+        with local_server(tmp_path, upstream_url=up.url + "/predict", upstream_timeout_s=0.5,
+                          intra_op_threads=2) as s:
+            t0 = time.monotonic()
+            r = post(s, images[0])
+            took = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["reason"] == "upstream"
+        assert took < 2.5
+    finally:
+        up.stop()
