@@ -159,11 +159,26 @@ def send(c, ctype, body):
     return c.post("/score", content=body, headers=headers)
 
 
+def documented_statuses() -> dict[str, int]:
+    """The case table of docs/serving.md: the documented status of each malformed input."""
+    text = (ROOT / "docs" / "serving.md").read_text()
+    lines = text.split("### The malformed-input corpus", 1)[1].split("| case | status |", 1)[1]
+    table = []
+    for line in lines.splitlines()[2:]:  # skip the rest of the header line and the |---| rule
+        if not line.startswith("| "):
+            break
+        name, status = line.strip().strip("|").split("|")
+        table.append((name.strip(), int(status)))
+    return dict(table)
+
+
 def test_malformed_corpus_each_gets_its_status_and_the_next_request_is_fine(server, fashion):
     img = fashion.images[1]
     good = _png(img)
     cases = corpus(img)
     assert len(cases) >= 20
+    documented = documented_statuses()
+    assert documented == {name: status for name, _, _, status in cases}, "docs/serving.md table"
     with server.client() as c:
         expected = post_image(c, good).json()["results"][0]
         for name, ctype, body, status in cases:
