@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value, e.g. --set memory.beta=2 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--json", help="also write the step's report to this JSON file")
+    ap.add_argument("--report", metavar="DIR",
+                    help="evaluate: write the full benchmark (baselines, ablations, plots) to DIR")
+    ap.add_argument("--with", dest="extra", action="append", default=[], metavar="CONFIG",
+                    help="evaluate --report: also benchmark this config (open-set, EfficientNet)")
+    ap.add_argument("--bootstrap", type=int, default=200, help="evaluate --report: resamples")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, _overrides(args.set))
@@ -39,7 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     from . import pipeline  # torch is imported only once the config is known to be good
 
     progress = not args.no_progress
-    if args.command == "evaluate":
+    if args.command == "evaluate" and args.report:
+        from .report import run_report
+
+        try:
+            extra = [load_config(c) for c in args.extra]
+        except ConfigError as e:
+            print(f"hopgate-export: config error: {e}", file=sys.stderr)
+            return 2
+        command = " ".join(["hopgate-export"] + (argv if argv is not None else sys.argv[1:]))
+        report = run_report(cfg, args.report, extra, command=command, n_boot=args.bootstrap,
+                            progress=progress)
+    elif args.command == "evaluate":
         from .evaluate import format_quick, quick_report
 
         report = quick_report(cfg, progress)

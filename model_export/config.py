@@ -39,6 +39,24 @@ class BackboneConfig(_Strict):
     method: Literal["plain", "greg", "greg_plus"] = "plain"  # OOD training (see greg.md)
 
 
+class GregConfig(_Strict):
+    """GReg / GReg+ (model_export/greg.py, greg.md). Margins are in the classifier's energy
+    units -LSE(logits): re-choose them for another backbone (greg.md §9.2)."""
+
+    init: Path | None = None  # backbone.pt to fine-tune (GReg); None = train from scratch
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)  # Adam (the official fine-tuning optimiser)
+    lambda_score: float = Field(0.1, ge=0)  # lambda_S: squared-hinge energy loss
+    lambda_grad: float = Field(1.0, ge=0)  # lambda_gradS: masked input-gradient norm
+    grad_scaling: Literal["code", "paper"] = "code"  # code: 1/n_group per gradient (greg.md §3.3.2)
+    m_in: float = -11.0
+    m_aux: float = -5.0
+    aux_pool: int = Field(6000, gt=0)  # auxiliary outlier images (model_export/outliers.py)
+    candidates: int = Field(4, ge=2)  # GReg+: candidate outliers per ID sample per step
+    train_subset: int | None = Field(None, gt=0)  # ID images per epoch (None = all)
+
+
 class MemoryConfig(_Strict):
     beta: float = Field(5.0, gt=0)
     memories: int = Field(10, gt=0)
@@ -53,6 +71,12 @@ class MemoryConfig(_Strict):
     batch_size: int = Field(50, gt=0)
     lr: float = Field(1e-3, gt=0)
     top_k: int = Field(3, gt=0)
+    # memory Lagrangian (reclag.py): lse = RecLag's log-sum-exp; rep_n = Dense Associative
+    # Memory's rectified polynomial ReLU(h)^n (dam.md). rectified=False drops the gate from the
+    # dynamics (plain MHN/DAM update); the verdict is then the score threshold alone.
+    lagrangian: Literal["lse", "rep_n"] = "lse"
+    power_n: int = Field(2, ge=1, le=64)
+    rectified: bool = True
 
 
 class CalibrateConfig(_Strict):
@@ -73,6 +97,7 @@ class BuildConfig(_Strict):
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     memory: MemoryConfig = MemoryConfig()
+    greg: GregConfig = GregConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     export: ExportConfig = ExportConfig()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .reclag import PAD
+from .reclag import PAD, memory_logits
 
 
 @dataclass
@@ -38,11 +38,13 @@ class FitConfig:
     sampler: str = "probs"  # "probs" (correct SFNN) | "probs_as_logits" (official quirk)
     weights: str = "log"  # "log" (log-space importance weights) | "tf" (float32 + 1e-16)
     init: str = "sample"  # "sample" (official) | "kmeans"
+    lagrangian: str = "lse"  # "lse" (RecLag) | "rep_n" (DAM): the encoder p(mu|x) = softmax(a)
+    power_n: int = 2
 
 
 def sfnn_loss(xi: torch.Tensor, x: torch.Tensor, cfg: FitConfig, gen: torch.Generator) -> torch.Tensor:
     """The importance-sampled SFNN objective for one batch x (B, D) and one bank xi (M, D)."""
-    z = torch.softmax(cfg.beta * x @ xi.T, dim=1)  # p(mu | x)
+    z = torch.softmax(memory_logits(x @ xi.T, cfg.beta, cfg.lagrangian, cfg.power_n), dim=1)  # p(mu|x)
     with torch.no_grad():
         probs = torch.softmax(z, dim=1) if cfg.sampler == "probs_as_logits" else z
         mu = torch.multinomial(probs, cfg.samples, replacement=True, generator=gen)  # (B, S)

@@ -38,3 +38,20 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
         "fpr95_id_rejected": fpr_at_tpr(-np.asarray(ood_scores), -np.asarray(id_scores), 0.95),
         "detection_error": float(np.min(0.5 * (1 - tpr) + 0.5 * fpr)),
     }
+
+
+def bootstrap_ci(id_scores, ood_scores, n: int = 200, seed: int = 0,
+                 level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of AUROC and FPR95 (paper convention), resampling the ID
+    and the OOD scores independently with replacement."""
+    rng = np.random.default_rng(seed)
+    i, o = np.asarray(id_scores), np.asarray(ood_scores)
+    au, fp = [], []
+    for _ in range(n):
+        a, b = i[rng.integers(0, len(i), len(i))], o[rng.integers(0, len(o), len(o))]
+        s, y = _labels(a, b)
+        au.append(roc_auc_score(y, s))
+        fp.append(fpr_at_tpr(a, b, 0.95))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {"auroc_ci": tuple(float(v) for v in np.percentile(au, q)),
+            "fpr95_ood_accepted_ci": tuple(float(v) for v in np.percentile(fp, q))}

@@ -91,7 +91,8 @@ def load_model(cfg: BuildConfig) -> tuple[GatedModel, dict]:
     mem = torch.load(cfg.workdir / "memory.pt", map_location="cpu", weights_only=True)
     m = cfg.memory
     head = RecLagHead(mem["banks"], mem["mask_bias"], beta=m.beta, steps=m.steps, top_k=m.top_k,
-                      shared=m.bank == "shared", feature_norm=m.feature_norm)
+                      shared=m.bank == "shared", feature_norm=m.feature_norm,
+                      lagrangian=m.lagrangian, power_n=m.power_n, rectified=m.rectified)
     calib_path = cfg.workdir / "calibration.json"
     calib = json.loads(calib_path.read_text()) if calib_path.exists() else {}
     return GatedModel(norm, net, head).eval(), {**calib, "ckpt": ckpt}
@@ -134,7 +135,7 @@ def step_fit(cfg: BuildConfig, progress: bool = True) -> dict:
     m = cfg.memory
     fcfg = FitConfig(memories=m.memories, beta=m.beta, init_norm=m.init_norm, epochs=m.epochs,
                      batch_size=m.batch_size, lr=m.lr, sampler=m.sampler, weights=m.weights,
-                     init=m.init)
+                     init=m.init, lagrangian=m.lagrangian, power_n=m.power_n)
     log(f"fit {m.bank} banks: {m.memories} memories/class, beta {m.beta}, {m.epochs} epochs, "
         f"{int(right.sum())} features")
     t0 = time.time()
@@ -171,6 +172,8 @@ def bundle_meta(cfg: BuildConfig, model: GatedModel, calib: dict) -> BundleMeta:
         resize=cfg.data.resize, mean=model.normalize.mean.flatten().tolist(),
         std=model.normalize.std.flatten().tolist(), class_names=ckpt["class_names"],
         backbone=cfg.backbone.name + ("" if cfg.backbone.method == "plain" else f"+{cfg.backbone.method}"),
+        method="dam" if m.lagrangian == "rep_n" else "reclag", lagrangian=m.lagrangian,
+        power_n=m.power_n if m.lagrangian == "rep_n" else None,
         beta=m.beta, bank=m.bank, memories_per_class=m.memories, steps=m.steps, top_k=m.top_k,
         threshold=calib["threshold"], target_tpr=calib["target_tpr"],
         score_quantiles=calib["score_quantiles"], calibration_size=calib["calibration_size"],

@@ -1,0 +1,231 @@
+"""The gate under attack: clean AUROC/FPR95 and gate-flip rates for plain RecLag, RecLag on a
+GReg backbone and DAM energies, white-box (PGD, FGSM in L-inf) and transfer.
+
+    python benchmarks/robustness/run.py [--n 200] [--models default greg dam_n2 dam_n10 ...]
+
+Needs the built work dirs (configs/<name>.yaml -> artifacts/<name>/). Writes results.json and
+README.md next to this file. Attacks: model_export/robustness.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from model_export import data, pipeline
+from model_export.calibrate import threshold_at_tpr
+from model_export.config import load_config
+from model_export.model import GatedModel
+from model_export.reclag import RecLagHead
+from model_export.outliers import auxiliary_outliers
+from model_export.robustness import attack, flip_rate, stability_margins, verdicts
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+EPS = (2 / 255, 8 / 255)
+PGD_STEPS = 10
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if "model name" in l),
+               platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only"
+
+
+def clean_metrics(model, tau, id_imgs, ood_sets):
+    _, s_id = verdicts(model, id_imgs, tau)
+    out, pooled = {}, []
+    cut = np.percentile(s_id, 5)  # 95 % of ID test accepted
+    for name, imgs in ood_sets.items():
+        ood, s_ood = verdicts(model, imgs, tau)
+        pooled.append(s_ood)
+        y = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
+        out[name] = {"auroc": float(roc_auc_score(y, np.r_[s_id, s_ood])),
+                     "fpr95": float((s_ood >= cut).mean()), "flagged_at_tau": float(ood.mean())}
+    allo = np.concatenate(pooled)
+    y = np.r_[np.ones(len(s_id)), np.zeros(len(allo))]
+    out["all"] = {"auroc": float(roc_auc_score(y, np.r_[s_id, allo])),
+                  "fpr95": float((allo >= cut).mean())}
+    out["id_accepted_at_tau"] = float((s_id >= tau).mean())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100, help="attacked ID and OOD images each")
+    ap.add_argument("--n-clean", type=int, default=1000, help="ID test images for clean metrics "
+                    "(and n/5 per far-OOD set)")
+    ap.add_argument("--models", nargs="+", default=["default", "greg", "dam_n2", "dam_n10"])
+    ap.add_argument("--surrogates", nargs="+", default=["default", "dam_n2"])
+    ap.add_argument("--repower", nargs="*", default=["dam_n2:10", "dam_n2:30"],
+                    help="NAME:N = NAME's memories under rep_n with power N, threshold "
+                         "recalibrated at 95 %% TPR on 2,000 hold-out images")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    models = {}
+    for name in args.models:
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        if not (cfg.workdir / "calibration.json").exists():
+            print(f"skip {name}: {cfg.workdir} not built", flush=True)
+            continue
+        model, calib = pipeline.load_model(cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        m = cfg.memory
+        models[name] = {"model": model, "tau": float(calib["threshold"]),
+                        "desc": (f"DAM rep_n n={m.power_n}" if m.lagrangian == "rep_n" else "RecLag lse")
+                        + f", backbone {cfg.backbone.name}"
+                        + ("" if cfg.backbone.method == "plain" else f"+{cfg.backbone.method}"),
+                        "test_accuracy": calib["ckpt"]["report"].get("test_accuracy")}
+    for spec in args.repower:
+        src, n = spec.split(":")
+        cfg = load_config(ROOT / "configs" / f"{src}.yaml")
+        if not (cfg.workdir / "calibration.json").exists():
+            continue
+        model, calib = pipeline.load_model(cfg)
+        h = model.head
+        head = RecLagHead(h.banks, h.mask_bias, beta=h.beta, steps=h.steps, top_k=h.top_k,
+                          shared=h.shared, feature_norm=h.feature_norm, lagrangian="rep_n",
+                          power_n=int(n), rectified=h.rectified)
+        model = GatedModel(model.normalize, model.backbone, head).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _, holdout = pipeline.id_splits(cfg)
+        with torch.no_grad():
+            s = head.score(*model.features(torch.from_numpy(holdout.images[:2000]))).numpy()
+        models[f"dam_n{n}*"] = {"model": model, "tau": threshold_at_tpr(s, 0.95),
+                                "desc": f"DAM rep_n n={n} on {src}'s memories (fitted at n="
+                                        f"{cfg.memory.power_n}), re-calibrated",
+                                "test_accuracy": calib["ckpt"]["report"].get("test_accuracy")}
+    rng = np.random.default_rng(0)
+    test = data.fashion_mnist("test")
+    id_eval = test.images[rng.permutation(len(test))[:args.n_clean]]
+    ood_sets = {k: v[np.random.default_rng(1).permutation(len(v))[:args.n_clean // 5]]
+                for k, v in data.far_ood_sets((28, 28), 1, seed=0).items()}
+    id_att = test.images[rng.permutation(len(test))[:args.n]]
+    per = max(args.n // len(ood_sets), 1)
+    ood_att = np.concatenate([v[rng.permutation(len(v))[:per]] for v in ood_sets.values()])
+
+    res = {"machine": machine(), "n_clean": args.n_clean, "n_id_attacked": len(id_att), "n_ood_attacked": len(ood_att),
+           "eps": [round(e * 255) for e in EPS], "pgd_steps": PGD_STEPS, "models": {}}
+    adv = {}  # (crafted_on, attack, eps, direction) -> images
+    for name, m in models.items():
+        r = {"desc": m["desc"], "test_accuracy": m["test_accuracy"], "threshold": m["tau"],
+             "clean": clean_metrics(m["model"], m["tau"], id_eval, ood_sets),
+             "white_box": {}}
+        for eps in EPS:
+            for kind, kw in (("pgd", {"steps": PGD_STEPS}),
+                             ("fgsm", {"steps": 1, "step_size": eps, "random_start": False})):
+                key = f"{kind}@{round(eps * 255)}"
+                a_id = attack(m["model"], id_att, -1, eps, **kw)
+                a_ood = attack(m["model"], ood_att, +1, eps, **kw)
+                adv[(name, key, "id")], adv[(name, key, "ood")] = a_id, a_ood
+                r["white_box"][key] = {
+                    "id_to_ood": flip_rate(m["model"], m["tau"], id_att, a_id, True),
+                    "ood_to_id": flip_rate(m["model"], m["tau"], ood_att, a_ood, False)}
+            print(f"{name} eps {round(eps * 255)}: {r['white_box'][f'pgd@{round(eps * 255)}']}",
+                  flush=True)
+        res["models"][name] = r
+    # transfer: PGD crafted on a surrogate, verdicts of every other model
+    for src in args.surrogates:
+        for name, m in models.items():
+            if name == src or src not in models:
+                continue
+            t = {}
+            for eps in EPS:
+                key = f"pgd@{round(eps * 255)}"
+                t[key] = {"id_to_ood": flip_rate(m["model"], m["tau"], id_att, adv[(src, key, "id")], True),
+                          "ood_to_id": flip_rate(m["model"], m["tau"], ood_att, adv[(src, key, "ood")], False)}
+            res["models"][name].setdefault("transfer", {})[src] = t
+    # stability margin: does (score - tau) / (beta max|xi|) predict who survives the attack?
+    for name, m in models.items():
+        if m["model"].head.lagrangian != "lse":
+            continue
+        key = f"pgd@{round(EPS[0] * 255)}"
+        marg = stability_margins(m["model"], id_att, m["tau"])
+        _, s = verdicts(m["model"], id_att, m["tau"])
+        ok_clean = marg > 0
+        a_ood, _ = verdicts(m["model"], adv[(name, key, "id")], m["tau"])
+        survived = ~a_ood[ok_clean]
+        info = {"attack": key, "median_margin": float(np.median(marg[ok_clean])),
+                "lipschitz_bound": float((s - m["tau"])[ok_clean][0] / marg[ok_clean][0])}
+        if 0 < survived.sum() < len(survived):
+            info["auroc_margin_predicts_survival"] = float(roc_auc_score(survived, marg[ok_clean]))
+            info["auroc_score_minus_tau_predicts_survival"] = float(
+                roc_auc_score(survived, (s - m["tau"])[ok_clean]))
+        info["spearman_margin_vs_score"] = float(np.corrcoef(
+            np.argsort(np.argsort(marg)), np.argsort(np.argsort(s)))[0, 1])
+        res["models"][name]["stability_margin"] = info
+    res["aux_outlier_sources"] = auxiliary_outliers(8, (28, 28), 1)["sources"]
+    res["seconds"] = round(time.time() - t0, 1)
+    (HERE / "results.json").write_text(json.dumps(res, indent=2))
+    (HERE / "README.md").write_text(markdown(res))
+    print(f"done in {res['seconds']} s")
+
+
+def pct(x):
+    return f"{100 * x:.1f}"
+
+
+def markdown(res) -> str:
+    eps = res["eps"]
+    lines = ["# The gate under attack (generated by `benchmarks/robustness/run.py`)", "",
+             f"Machine: {res['machine']}. Run time {res['seconds']} s.", "",
+             "## Attack settings", "",
+             f"* L-inf, eps in {{{', '.join(f'{e}/255' for e in eps)}}} of the 0..255 pixel range; "
+             f"adversarial images rounded to uint8 (what the service receives).",
+             f"* PGD: {res['pgd_steps']} steps of 2.5 eps/{res['pgd_steps']}, uniform random start. "
+             "FGSM: one step of eps, no random start.",
+             "* Objective: the gate score lse(a(phi)) in the predicted class's bank, lowered for ID "
+             "images (accepted -> rejected), raised for OOD images (rejected -> accepted).",
+             f"* {res['n_id_attacked']} Fashion-MNIST test images and {res['n_ood_attacked']} far-OOD "
+             "images (equal shares of digits, photo patches, faces, glyphs, noise).",
+             "* Flip rate: of the images a model gates right when clean, the share the attack "
+             "flips, at the model's calibrated threshold (95 % TPR on the hold-out).",
+             f"* Clean metrics: {res['n_clean']} Fashion-MNIST test images vs {res['n_clean'] // 5} "
+             "images of each far-OOD set, pooled.", "",
+             "## White-box (crafted on the model itself), flip rate %", "",
+             "| model | test acc | clean AUROC | clean FPR95 | "
+             + " | ".join(f"PGD ID→OOD ε={e} | PGD OOD→ID ε={e}" for e in eps)
+             + " | " + " | ".join(f"FGSM ID→OOD ε={e}" for e in eps) + " |",
+             "|---" * (4 + 3 * len(eps)) + "|"]
+    for name, r in res["models"].items():
+        wb = r["white_box"]
+        cells = [pct(wb[f"pgd@{e}"][d]["flip_rate"]) for e in eps for d in ("id_to_ood", "ood_to_id")]
+        cells += [pct(wb[f"fgsm@{e}"]["id_to_ood"]["flip_rate"]) for e in eps]
+        acc = r["test_accuracy"]
+        lines.append(f"| {name} ({r['desc']}) | {acc:.4f} | {r['clean']['all']['auroc']:.4f} | "
+                     f"{pct(r['clean']['all']['fpr95'])} | " + " | ".join(cells) + " |")
+    lines += ["", "## Transfer (PGD crafted on the surrogate), flip rate %", "",
+              "| target | surrogate | " + " | ".join(
+                  f"ID→OOD ε={e} | OOD→ID ε={e}" for e in eps) + " |",
+              "|---" * (2 + 2 * len(eps)) + "|"]
+    for name, r in res["models"].items():
+        for src, t in r.get("transfer", {}).items():
+            lines.append(f"| {name} | {src} | " + " | ".join(
+                pct(t[f"pgd@{e}"][d]["flip_rate"]) for e in eps for d in ("id_to_ood", "ood_to_id")) + " |")
+    lines += ["", "## Clean AUROC per OOD set", "",
+              "| model | " + " | ".join(k for k in next(iter(res["models"].values()))["clean"]
+                                      if k not in ("all", "id_accepted_at_tau")) + " |"]
+    keys = [k for k in next(iter(res["models"].values()))["clean"] if k not in ("all", "id_accepted_at_tau")]
+    lines.append("|---" * (1 + len(keys)) + "|")
+    for name, r in res["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['clean'][k]['auroc']:.3f}" for k in keys) + " |")
+    lines += ["", "## Stability margin", ""]
+    for name, r in res["models"].items():
+        if "stability_margin" in r:
+            lines.append(f"* {name}: {json.dumps(r['stability_margin'])}")
+    lines += ["", "Auxiliary outlier sources (GReg): " + ", ".join(res["aux_outlier_sources"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The benchmark's scoring path: the served ONNX bundle scores the benchmark images exactly as the
+PyTorch evaluation does, the report's cached-feature scores are the bundle's scores, and the
+calibrated threshold holds on ID images calibration never saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_export import data
+from model_export.calibrate import accepted_share
+from model_export.evaluate import bundle_scores
+from model_export.export import ort_session, run_ort
+from model_export.metrics import bootstrap_ci, ood_metrics
+from model_export.pipeline import id_test, load_model
+
+
+@pytest.fixture(scope="module")
+def bench(quick_build):
+    """The quick bundle's benchmark images: ID test plus every far-OOD set (subsets)."""
+    cfg, _ = quick_build
+    model, calib = load_model(cfg)
+    ood = data.far_ood_sets(cfg.data.size, cfg.data.channels, cfg.seed)
+    images = np.concatenate([id_test(cfg).images[:600]] + [v[:120] for v in ood.values()])
+    return cfg, model, calib, images
+
+
+def test_onnx_scores_benchmark_images_as_pytorch(bench):
+    cfg, model, calib, images = bench
+    tau = calib["threshold"]
+    torch_scores, torch_pred = bundle_scores(model, images)
+    out = run_ort(ort_session(cfg.output), images)
+    rel = np.abs(out["score"] - torch_scores) / np.maximum(np.abs(torch_scores), 1.0)
+    assert rel.max() < 1e-4, rel.max()
+    np.testing.assert_array_equal(out["pred_class"], torch_pred)
+    # same flags: the bundle's verdict is score < tau; only a row whose score lies within the
+    # float tolerance of the threshold itself could differ, and none may flip otherwise
+    torch_ood = torch_scores < tau
+    decided = np.abs(torch_scores - tau) > 1e-4 * max(abs(tau), 1.0)
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(out["is_ood"][decided], torch_ood[decided])
+    assert 0 < torch_ood.mean() < 1  # both verdicts occur on the benchmark images
+
+
+def test_report_scores_are_bundle_scores(bench, tmp_path, monkeypatch):
+    """The report scores RecLag from cached features with the bundle's head: same numbers as
+    running the whole model on the images."""
+    from model_export import report
+
+    cfg, model, _, _ = bench
+    monkeypatch.setattr(report, "EVAL_ROOT", tmp_path)
+    cfg_small = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_subset": 300}),
+                                       "name": "quick-cache"})
+    cache = report.build_cache(cfg_small, ood_limit=50, progress=False)
+    scores = report.head_scores(model.head, cache)
+    direct, _ = bundle_scores(model, id_test(cfg_small).images)
+    np.testing.assert_allclose(scores["test"], direct, rtol=1e-5)
+    assert set(scores["ood"]) == {"digits", "photos", "faces", "glyphs", "noise"}
+    assert (tmp_path / "quick-cache" / "cache.pt").exists()
+    # T unrolled steps: the score is the t = 0 gate quantity; the verdict rows are well formed
+    rows = report._steps_rows(model.head, cache, cfg.memory.beta, (0, 1))
+    assert [r["steps"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["id_accepted"] <= 1.0 for r in rows)
+    model.head.steps = cfg.memory.steps
+
+
+def test_calibrated_threshold_holds_on_unseen_id(bench):
+    cfg, model, calib, _ = bench
+    test = id_test(cfg)
+    scores, _ = bundle_scores(model, test.images)
+    share = accepted_share(scores, calib["threshold"])
+    assert abs(share - calib["target_tpr"]) <= 0.015, share
+
+
+def test_metrics_conventions_and_bootstrap():
+    rng = np.random.default_rng(0)
+    id_s, ood_s = rng.normal(2, 1, 2000), rng.normal(0, 1, 1000)
+    m = ood_metrics(id_s, ood_s)
+    # paper convention: OOD accepted at the threshold keeping 95 % of ID
+    tau = np.quantile(id_s, 0.05)
+    assert abs(m["fpr95_ood_accepted"] - np.mean(ood_s >= tau)) < 0.01
+    # OpenOOD convention: ID rejected at the threshold catching 95 % of OOD
+    tau2 = np.quantile(ood_s, 0.95)
+    assert abs(m["fpr95_id_rejected"] - np.mean(id_s < tau2)) < 0.01
+    ci = bootstrap_ci(id_s, ood_s, n=50)
+    lo, hi = ci["auroc_ci"]
+    assert lo < m["auroc"] < hi and hi - lo < 0.05
