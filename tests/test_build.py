@@ -15,8 +15,9 @@ DEFAULT_BUNDLE = ROOT / "models" / "default.onnx"
 
 def test_quick_build_behaves(quick_build):
     cfg, report = quick_build
-    # a 1-epoch, 12k-image run: far from the default's 90 %, but clearly learned
-    assert report["train"]["test_accuracy"] >= 0.80
+    # 2 epochs on 9,600 images: far from the default's 91 % (measured 0.79-0.83 across
+    # machines: thread counts change float summation order), but clearly learned
+    assert report["train"]["test_accuracy"] >= 0.75
     calib = report["calibrate"]
     assert abs(calib["holdout_tpr"] - cfg.calibrate.target_tpr) < 0.01
     assert report["export"]["parity"]["images"] >= 1000

@@ -70,8 +70,9 @@ def images():
     from model_export import data
     from model_export.export import ort_session, run_ort
 
-    from conftest import DEFAULT_BUNDLE
+    from pathlib import Path
 
+    DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default.onnx"
     test = data.fashion_mnist("test").subset(np.arange(500))
     out = run_ort(ort_session(DEFAULT_BUNDLE), test.images)
     id_img = test.images[int(np.flatnonzero(~out["is_ood"] & (out["msp"] > 0.99))[0])]
