@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from service.imaging import fit
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -73,16 +75,9 @@ def fashion_mnist(split: str = "train", root: Path | None = None) -> Split:
 
 def resize(img: Image.Image, size: tuple[int, int], channels: int,
            mode: str = "stretch") -> np.ndarray:
-    """The one resize policy shared with the service: convert, then stretch or centre-crop."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    h, w = size
-    if mode == "center_crop":
-        s = min(img.width, img.height)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-    img = img.resize((w, h), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr
+    """Convert to L or RGB, then the service's own resize policy, so training, evaluation and
+    serving see the same pixels."""
+    return fit(img.convert("L" if channels == 1 else "RGB"), size[0], size[1], mode)
 
 
 def resize_all(images: np.ndarray, size: tuple[int, int], channels: int,

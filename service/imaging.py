@@ -81,13 +81,18 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
         raise ImageError(413, f"decompression bomb refused: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(422, f"cannot decode {fmt} image: {e}") from None
+    return fit(img, height, width, resize)
+
+
+def fit(img: Image.Image, height: int, width: int, resize: str = "stretch") -> np.ndarray:
+    """The one resize policy, shared with training (model_export.data.resize): stretch, or
+    centre crop then resize, bilinear. ``img`` is already L or RGB."""
     if resize == "center_crop":
         s = min(img.width, img.height)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s))
-    img = img.resize((width, height), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr
+    arr = np.asarray(img.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def set_pillow_limit(max_pixels: int) -> None:
