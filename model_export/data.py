@@ -191,6 +191,15 @@ def ood_faces() -> np.ndarray:
     return (f * 255).round().astype(np.uint8)[..., None]
 
 
+def pick_font(fonts: list[Path], px: int, rng: np.random.Generator):
+    """A random machine font at ``px`` pixels, or Pillow's default where there is none."""
+    try:
+        return ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), px) if fonts else \
+            ImageFont.load_default(px)
+    except Exception:
+        return ImageFont.load_default()
+
+
 def ood_glyphs(n: int = 1000, size: int = 28, seed: int = 0) -> np.ndarray:
     """Letters rendered with the machine's fonts (DejaVu when present, else Pillow's default)."""
     rng = np.random.default_rng(seed)
@@ -201,12 +210,7 @@ def ood_glyphs(n: int = 1000, size: int = 28, seed: int = 0) -> np.ndarray:
     for i in range(n):
         im = Image.new("L", (size, size), 0)
         d = ImageDraw.Draw(im)
-        px = int(rng.integers(size // 2, size - 2))
-        try:
-            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), px) if fonts else \
-                ImageFont.load_default(px)
-        except Exception:
-            font = ImageFont.load_default()
+        font = pick_font(fonts, int(rng.integers(size // 2, size - 2)), rng)
         d.text((size // 2, size // 2), letters[rng.integers(len(letters))], fill=255,
                font=font, anchor="mm")
         out[i, ..., 0] = np.asarray(im)

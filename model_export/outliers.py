@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .data import resize_all
+from .data import pick_font, resize_all
 
 SKIMAGE_PHOTOS = ("horse", "clock", "retina", "microaneurysms", "logo", "shepp_logan_phantom")
 MPL_SAMPLES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png",
@@ -95,12 +95,7 @@ def symbols(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     out = np.zeros((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
         im = Image.new("L", (size, size), 0)
-        px = int(rng.integers(size // 2, size - 2))
-        try:
-            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), px) if fonts else \
-                ImageFont.load_default(px)
-        except Exception:
-            font = ImageFont.load_default()
+        font = pick_font(fonts, int(rng.integers(size // 2, size - 2)), rng)
         ImageDraw.Draw(im).text((size // 2, size // 2), SYMBOLS[rng.integers(len(SYMBOLS))],
                                 fill=int(rng.integers(128, 256)), font=font, anchor="mm")
         out[i] = np.asarray(im)[..., None]
