@@ -4,15 +4,22 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH \
     HOPGATE_HOST=0.0.0.0 HOPGATE_PORT=8000 HOPGATE_MODEL=/opt/hopgate/models/default.onnx
 
 WORKDIR /opt/hopgate
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY models/default.onnx models/default.onnx
-# the project itself (its dependencies are ranged in pyproject.toml)
+# Offline builds pass a mounted wheelhouse as build args (scripts/build-image does);
+# unset, pip uses its index. Build args are not kept in the image.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+# a venv works on python:3.11-slim and on a plain Debian base alike (PEP 668);
+# the project's dependencies are ranged in pyproject.toml
 # hadolint ignore=DL3013
-RUN python -m pip install --no-cache-dir ".[serve,cpu]" \
+RUN python3 -m venv /opt/venv \
+    && python -m pip install --no-cache-dir ".[serve,cpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
 USER 10001
@@ -20,6 +27,6 @@ EXPOSE 8000
 # mount another bundle and point HOPGATE_MODEL at it to serve your own model
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=2s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import os,sys,urllib.request; port=os.environ.get('HOPGATE_PORT','8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status != 200)"]
 # exec form: the server is PID 1 and receives SIGTERM itself (drain, then exit)
 ENTRYPOINT ["hopgate-serve"]

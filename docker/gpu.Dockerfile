@@ -17,6 +17,10 @@ WORKDIR /opt/hopgate
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY models/default.onnx models/default.onnx
+# Offline builds pass a mounted wheelhouse as build args (as scripts/build-image
+# does for the CPU image); unset, pip uses its index. Not kept in the image.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 # the project itself (its dependencies are ranged in pyproject.toml)
 # hadolint ignore=DL3013
 RUN python -m pip install --no-cache-dir ".[serve,gpu]" \
@@ -26,5 +30,5 @@ USER 10001
 EXPOSE 8000
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=2s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import os,sys,urllib.request; port=os.environ.get('HOPGATE_PORT','8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status != 200)"]
 ENTRYPOINT ["hopgate-serve"]
