@@ -104,7 +104,12 @@ def step_train(cfg: BuildConfig, progress: bool = True) -> dict:
     train, _ = id_splits(cfg)
     net, norm = make_backbone(cfg, len(train.class_names))
     b = cfg.backbone
-    log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
+    if b.method == "plain":
+        log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
+    else:
+        g = cfg.greg
+        log(f"{b.method} on {b.name} ({'from ' + str(g.init) if g.init else 'from scratch'}): "
+            f"{min(len(train), g.train_subset or len(train))} images/epoch, {g.epochs} epochs")
     t0 = time.time()
     if b.method == "plain":
         history = train_classifier(net, norm, train, epochs=b.epochs, batch_size=b.batch_size,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .model import GatedModel
+from .reclag import prepare_features
 
 
 def gate_score(model: GatedModel, images: torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,13 @@ def stability_margins(model: GatedModel, images: np.ndarray, tau: float) -> np.n
     with torch.no_grad():
         phi, logits = model.features(torch.from_numpy(images))
         return model.head.stability_margin(phi, logits, tau).numpy()
+
+
+@torch.no_grad()
+def feature_shifts(model: GatedModel, clean: np.ndarray, adv: np.ndarray) -> np.ndarray:
+    """L2 distance each attack moved the features in the space the banks see (after
+    ``feature_norm``): what a stability margin has to be compared with."""
+    def prepared(images):
+        phi, _ = model.features(torch.from_numpy(np.ascontiguousarray(images)))
+        return prepare_features(phi, model.head.feature_norm)
+    return (prepared(adv) - prepared(clean)).norm(dim=-1).numpy()
