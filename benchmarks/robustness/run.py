@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--n", type=int, default=100, help="attacked ID and OOD images each")
     ap.add_argument("--n-clean", type=int, default=1000, help="ID test images for clean metrics "
                     "(and n/5 per far-OOD set)")
-    ap.add_argument("--models", nargs="+", default=["default", "greg", "dam_n2", "dam_n10"])
+    ap.add_argument("--models", nargs="+", default=["default", "greg", "greg_plus", "dam_n2", "dam_n10"])
     ap.add_argument("--eps", nargs="+", type=int, default=[2, 4, 8],
                     help="L-inf budgets in grey levels of 0..255")
     ap.add_argument("--surrogates", nargs="+", default=["default", "dam_n2"])
