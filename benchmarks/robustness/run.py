@@ -20,10 +20,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from model_export import data, pipeline
-from model_export.calibrate import threshold_at_tpr
 from model_export.config import load_config
-from model_export.model import GatedModel
-from model_export.reclag import RecLagHead
 from model_export.outliers import auxiliary_outliers
 from model_export.robustness import (attack, feature_shifts, flip_rate, stability_margins,
                                      verdicts)
@@ -62,13 +59,11 @@ def main():
     ap.add_argument("--n", type=int, default=100, help="attacked ID and OOD images each")
     ap.add_argument("--n-clean", type=int, default=1000, help="ID test images for clean metrics "
                     "(and n/5 per far-OOD set)")
-    ap.add_argument("--models", nargs="+", default=["default", "greg", "greg_plus", "dam_n2", "dam_n10"])
+    ap.add_argument("--models", nargs="+", default=["default", "greg", "greg_plus", "dam_n2", "dam_n10",
+                                                    "dam_n30"])
     ap.add_argument("--eps", nargs="+", type=int, default=[2, 4, 8],
                     help="L-inf budgets in grey levels of 0..255")
     ap.add_argument("--surrogates", nargs="+", default=["default", "dam_n2"])
-    ap.add_argument("--repower", nargs="*", default=["dam_n10:30"],
-                    help="NAME:N = NAME's memories under rep_n with power N, threshold "
-                         "recalibrated at 95 %% TPR on 2,000 hold-out images")
     args = ap.parse_args()
     eps_all = [e / 255 for e in args.eps]
     torch.manual_seed(0)
@@ -88,26 +83,6 @@ def main():
                         + f", backbone {cfg.backbone.name}"
                         + ("" if cfg.backbone.method == "plain" else f"+{cfg.backbone.method}"),
                         "test_accuracy": calib["ckpt"]["report"].get("test_accuracy")}
-    for spec in args.repower:
-        src, n = spec.split(":")
-        cfg = load_config(ROOT / "configs" / f"{src}.yaml")
-        if not (cfg.workdir / "calibration.json").exists():
-            continue
-        model, calib = pipeline.load_model(cfg)
-        h = model.head
-        head = RecLagHead(h.banks, h.mask_bias, beta=h.beta, steps=h.steps, top_k=h.top_k,
-                          shared=h.shared, feature_norm=h.feature_norm, lagrangian="rep_n",
-                          power_n=int(n), rectified=h.rectified)
-        model = GatedModel(model.normalize, model.backbone, head).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _, holdout = pipeline.id_splits(cfg)
-        with torch.no_grad():
-            s = head.score(*model.features(torch.from_numpy(holdout.images[:2000]))).numpy()
-        models[f"dam_n{n}*"] = {"model": model, "tau": threshold_at_tpr(s, 0.95),
-                                "desc": f"DAM rep_n n={n} on {src}'s memories (fitted at n="
-                                        f"{cfg.memory.power_n}), re-calibrated",
-                                "test_accuracy": calib["ckpt"]["report"].get("test_accuracy")}
     rng = np.random.default_rng(0)
     test = data.fashion_mnist("test")
     id_eval = test.images[rng.permutation(len(test))[:args.n_clean]]
