@@ -104,20 +104,18 @@ def step_train(cfg: BuildConfig, progress: bool = True) -> dict:
     train, _ = id_splits(cfg)
     net, norm = make_backbone(cfg, len(train.class_names))
     b = cfg.backbone
-    if b.method == "plain":
-        log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
-    else:
-        g = cfg.greg
-        log(f"{b.method} on {b.name} ({'from ' + str(g.init) if g.init else 'from scratch'}): "
-            f"{min(len(train), g.train_subset or len(train))} images/epoch, {g.epochs} epochs")
     t0 = time.time()
     if b.method == "plain":
+        log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
         history = train_classifier(net, norm, train, epochs=b.epochs, batch_size=b.batch_size,
                                    lr=b.lr, seed=cfg.seed, augment_images=b.augment,
                                    progress=progress)
     else:  # GReg / GReg+ : energy-regularised OOD training (model_export.greg)
         from .greg import train_greg
 
+        g = cfg.greg
+        log(f"{b.method} on {b.name} ({'from ' + str(g.init) if g.init else 'from scratch'}), "
+            f"{g.epochs} epochs")
         history = train_greg(net, norm, train, cfg, progress=progress)
     report = {"train_loss": history, "seconds": round(time.time() - t0, 1)}
     test = id_test(cfg)
