@@ -36,8 +36,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.local import local_server  # noqa: E402
-from service.runtime import Runtime  # noqa: E402
+from hopgate.service.local import local_server  # noqa: E402
+from hopgate.service.runtime import Runtime  # noqa: E402
 
 DEFAULT = ROOT / "models" / "default.onnx"
 MAX_REQUESTS = 20_000  # hard cap per measurement, besides the time bound
@@ -52,7 +52,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU (CPUExecutionProvider)"
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            "no GPU (CPUExecutionProvider)")
 
 
 def png_for(runtime_shape: tuple[int, int, int], seed: int = 0) -> bytes:
@@ -72,7 +73,8 @@ def pct(xs: list[float], q: float) -> float:
 def summary(lat: list[float], n_img: int, wall: float, queue: list[float], compute: list[float],
             errors: dict) -> dict:
     return {"images_per_s": n_img / wall, "requests": len(lat),
-            "p50_ms": pct(lat, 50) * 1e3, "p90_ms": pct(lat, 90) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+            "p50_ms": pct(lat, 50) * 1e3, "p90_ms": pct(lat, 90) * 1e3,
+            "p99_ms": pct(lat, 99) * 1e3,
             "server_queue_ms_mean": statistics.fmean(queue) if queue else float("nan"),
             "server_compute_ms_mean": statistics.fmean(compute) if compute else float("nan"),
             "errors": errors}
@@ -149,8 +151,8 @@ def inprocess_best(model: Path, buckets: list[int], seconds: float, threads: int
 
 async def batcher_overhead(model: Path, n: int = 300) -> dict:
     """(c): p50 of one image through Batcher (idle runtime) vs p50 of a direct runtime call."""
-    from service.batcher import Batcher
-    from service.metrics import Metrics
+    from hopgate.service.batcher import Batcher
+    from hopgate.service.metrics import Metrics
 
     rt = Runtime(model, ["CPUExecutionProvider"], 0, 1)
     m = rt.meta
@@ -182,7 +184,8 @@ def rss_mb(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--default", type=Path, default=DEFAULT)
     p.add_argument("--effnet", type=Path, help="EfficientNet-Lite0 bundle (224 px) for ratio (a)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of each measurement")
@@ -220,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                           buckets="[1,2,4,8,16]") as s:
             served = [asyncio.run(closed_loop(s.url, ebody, c, a.seconds * 2)) for c in (8, 16)]
         best = max(served, key=lambda r: r["images_per_s"])
-        out["a_served_over_inprocess"] = {"inprocess": ceiling, "served": served,
-                                          "ratio": best["images_per_s"] / ceiling["best_images_per_s"]}
+        out["a_served_over_inprocess"] = {
+            "inprocess": ceiling, "served": served,
+            "ratio": best["images_per_s"] / ceiling["best_images_per_s"]}
 
     out["load_average_end"] = os.getloadavg()  # other jobs on the machine skew absolute figures
     a.out.write_text(json.dumps(out, indent=2, default=float) + "\n")

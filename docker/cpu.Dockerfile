@@ -9,7 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/hopgate
 COPY pyproject.toml README.md ./
+COPY hopgate/ hopgate/
 COPY service/ service/
+# the export half installs as source only; its torch extra is not installed
+COPY model_export/ model_export/
 COPY models/default.onnx models/default.onnx
 # Offline builds pass a mounted wheelhouse as build args (scripts/build-image does);
 # unset, pip uses its index. Build args are not kept in the image.

@@ -15,7 +15,10 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/hopgate
 COPY pyproject.toml README.md ./
+COPY hopgate/ hopgate/
 COPY service/ service/
+# the export half installs as source only; its torch extra is not installed
+COPY model_export/ model_export/
 COPY models/default.onnx models/default.onnx
 # Offline builds pass a mounted wheelhouse as build args (as scripts/build-image
 # does for the CPU image); unset, pip uses its index. Not kept in the image.

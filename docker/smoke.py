@@ -49,7 +49,9 @@ def score(base, png: bytes) -> dict:
 
 def main(base: str, id_path: str) -> None:
     wait_ready(base)
-    in_dist = score(base, open(id_path, "rb").read())
+    with open(id_path, "rb") as f:
+        id_bytes = f.read()
+    in_dist = score(base, id_bytes)
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, "PNG")
@@ -64,7 +66,7 @@ def main(base: str, id_path: str) -> None:
     print(json.dumps(seen))
     if in_dist["ood"] or not ood["ood"]:
         sys.exit("smoke: verdicts wrong (want ID for the sample, OOD for noise)")
-    if not 400 <= bad_status < 500 or score(base, open(id_path, "rb").read())["ood"]:
+    if not 400 <= bad_status < 500 or score(base, id_bytes)["ood"]:
         sys.exit("smoke: garbage not refused with a 4xx, or the next request failed")
     if not seen["metrics_lines"]:
         sys.exit("smoke: /metrics has no hopgate_ series")

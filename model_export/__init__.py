@@ -1,5 +1,2 @@
-"""hopgate's model side: backbones, RecLag memories, calibration, ONNX export (needs torch)."""
-
-from service import __version__
-
-__all__ = ["__version__"]
+"""hopgate's model half: backbones, RecLag memories, calibration, ONNX export (needs torch;
+imported as ``hopgate.model_export``)."""

@@ -68,7 +68,8 @@ _LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2,
 
 
 class _SameConv(nn.Conv2d):
-    """TensorFlow 'SAME' padding (asymmetric for stride 2), which these weights were trained with."""
+    """TensorFlow 'SAME' padding (asymmetric for stride 2), which these weights were trained
+    with."""
 
     def forward(self, x: Tensor) -> Tensor:
         ih, iw = x.shape[-2:]
@@ -148,7 +149,8 @@ class EfficientNetLite0(Backbone):
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:  # strict on everything but the new head
-            raise RuntimeError(f"EfficientNet-Lite0 weights: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"EfficientNet-Lite0 weights: missing {missing}, "
+                               f"unexpected {unexpected}")
 
     def features(self, x: Tensor) -> Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))

@@ -1,10 +1,12 @@
 """Post-hoc OOD baselines on cached penultimate features and logits (higher score = more ID).
 
-Every detector is fitted on the same correctly classified training features RecLag's banks are
-fitted on, and scores the very same test features/logits, so the comparison isolates the score.
+Every detector (``detector.Detector``) is fitted on the same correctly classified training
+features RecLag's banks are fitted on, and scores the very same test features/logits, so the
+comparison isolates the score.
 
   MSP          max softmax (Hendrycks & Gimpel 2017)
-  Energy       logsumexp(logits), T = 1 (Liu et al. 2020)
+  Energy       energy_score = +logsumexp(logits), T = 1 (Liu et al. 2020; the negative free
+               energy, greg.free_energy, so that higher = more ID)
   ReAct        Energy of fc(min(phi, c)), c = a percentile of train activations (Sun et al. 2021;
                the RecLag code clips at the 98th percentile, reclag.md §9; the paper uses 90th)
   HE           logsumexp(beta * X_train^(c) phi) over all stored train features of the
@@ -19,78 +21,107 @@ fitted on, and scores the very same test features/logits, so the comparison isol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-
-@dataclass
-class Cache:
-    """Features and logits of one image set."""
-
-    phi: torch.Tensor  # (N, D)
-    logits: torch.Tensor  # (N, C)
-
-    @property
-    def pred(self) -> torch.Tensor:
-        return self.logits.argmax(1)
+from .detector import Detector, Features, Linear
 
 
-def msp(c: Cache) -> np.ndarray:
-    return torch.softmax(c.logits.double(), 1).max(1).values.numpy()
+def msp(x: Features) -> np.ndarray:
+    return torch.softmax(x.logits.double(), 1).max(1).values.numpy()
 
 
-def energy(c: Cache) -> np.ndarray:
-    return torch.logsumexp(c.logits.double(), 1).numpy()
+def energy_score(x: Features) -> np.ndarray:
+    """+logsumexp(logits): the Energy baseline's score (high = ID)."""
+    return torch.logsumexp(x.logits.double(), 1).numpy()
 
 
-class ReAct:
-    def __init__(self, train: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 percentile: float = 90.0):
-        self.clip = float(np.percentile(train.numpy().ravel(), percentile))
-        self.w, self.b = weight.double(), bias.double()
+class MSP(Detector):
+    label = "MSP"
 
-    def __call__(self, c: Cache) -> np.ndarray:
-        logits = c.phi.double().clamp(max=self.clip) @ self.w.T + self.b
+    def score(self, x: Features) -> np.ndarray:
+        return msp(x)
+
+
+class Energy(Detector):
+    label = "Energy"
+
+    def score(self, x: Features) -> np.ndarray:
+        return energy_score(x)
+
+
+class ReAct(Detector):
+    def __init__(self, percentile: float = 90.0):
+        self.percentile = percentile
+        self.label = f"ReAct(p{percentile:g})"
+
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> ReAct:
+        self.clip = float(np.percentile(train.phi.numpy().ravel(), self.percentile))
+        self.w, self.b = linear.weight.double(), linear.bias.double()
+        return self
+
+    def score(self, x: Features) -> np.ndarray:
+        logits = x.phi.double().clamp(max=self.clip) @ self.w.T + self.b
         return torch.logsumexp(logits, 1).numpy()
 
 
-class HE:
+def _per_class(train: Features, labels: torch.Tensor, linear: Linear) -> list[torch.Tensor]:
+    return [train.phi[labels == k].double() for k in range(int(linear.weight.shape[0]))]
+
+
+class HE(Detector):
     """Hopfield energy over every stored pattern of the predicted class."""
 
-    def __init__(self, train: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float):
-        self.stored = [train[labels == k].double() for k in range(num_classes)]
+    def __init__(self, beta: float):
         self.beta = beta
+        self.label = f"HE(b={beta:g})"
 
-    def __call__(self, c: Cache) -> np.ndarray:
-        out = torch.empty(len(c.phi), dtype=torch.float64)
-        pred, phi = c.pred, c.phi.double()
-        for k, x in enumerate(self.stored):
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> HE:
+        self.stored = _per_class(train, labels, linear)
+        return self
+
+    def score(self, x: Features) -> np.ndarray:
+        out = torch.empty(len(x.phi), dtype=torch.float64)
+        pred, phi = x.pred, x.phi.double()
+        for k, stored in enumerate(self.stored):
             rows = pred == k
             if rows.any():
-                out[rows] = torch.logsumexp(self.beta * phi[rows] @ x.T, 1)
+                out[rows] = torch.logsumexp(self.beta * phi[rows] @ stored.T, 1)
         return out.numpy()
 
 
-class SHE:
-    def __init__(self, train: torch.Tensor, labels: torch.Tensor, num_classes: int):
-        self.means = torch.stack([train[labels == k].double().mean(0) for k in range(num_classes)])
+class SHE(Detector):
+    label = "SHE"
 
-    def __call__(self, c: Cache) -> np.ndarray:
-        return (c.phi.double() * self.means[c.pred]).sum(1).numpy()
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> SHE:
+        self.means = torch.stack([s.mean(0) for s in _per_class(train, labels, linear)])
+        return self
+
+    def score(self, x: Features) -> np.ndarray:
+        return (x.phi.double() * self.means[x.pred]).sum(1).numpy()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class KNN:
-    def __init__(self, train: torch.Tensor, k: int = 50, chunk: int = 1024):
-        self.bank, self.k, self.chunk = _unit(train.float()), k, chunk
+class KNN(Detector):
+    """``subset``: keep that many training features (a seeded random choice) as the bank."""
 
-    def __call__(self, c: Cache) -> np.ndarray:
-        q = _unit(c.phi.float())
+    def __init__(self, k: int = 50, subset: int | None = None, seed: int = 0, chunk: int = 1024):
+        self.k, self.subset, self.seed, self.chunk = k, subset, seed, chunk
+        self.label = f"KNN(k={k})"
+
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> KNN:
+        bank = train.phi
+        if self.subset and self.subset < len(bank):
+            idx = torch.randperm(len(bank), generator=torch.Generator().manual_seed(self.seed))
+            bank = bank[idx[:self.subset]]
+        self.bank = _unit(bank.float())
+        return self
+
+    def score(self, x: Features) -> np.ndarray:
+        q = _unit(x.phi.float())
         out = []
         for i in range(0, len(q), self.chunk):
             sim = q[i:i + self.chunk] @ self.bank.T  # unit vectors: d^2 = 2 - 2 cos
@@ -99,57 +130,47 @@ class KNN:
         return torch.cat(out).numpy()
 
 
-class Mahalanobis:
-    def __init__(self, train: torch.Tensor, labels: torch.Tensor, num_classes: int):
-        x = train.double()
-        self.means = torch.stack([x[labels == k].mean(0) for k in range(num_classes)])
+class Mahalanobis(Detector):
+    label = "Mahalanobis"
+
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> Mahalanobis:
+        x = train.phi.double()
+        self.means = torch.stack([s.mean(0) for s in _per_class(train, labels, linear)])
         centred = x - self.means[labels]
         cov = centred.T @ centred / len(x)
         self.precision = torch.linalg.pinv(cov, hermitian=True)
+        return self
 
-    def __call__(self, c: Cache) -> np.ndarray:
+    def score(self, x: Features) -> np.ndarray:
         out = []
-        for x in c.phi.double().split(512):
-            d = x[:, None, :] - self.means[None]  # (n, C, D)
+        for rows in x.phi.double().split(512):
+            d = rows[:, None, :] - self.means[None]  # (n, C, D)
             out.append(-((d @ self.precision) * d).sum(-1).min(1).values)
         return torch.cat(out).numpy()
 
 
-class ViM:
-    def __init__(self, train: Cache, weight: torch.Tensor, bias: torch.Tensor, dim: int):
-        w, b = weight.double(), bias.double()
+class ViM(Detector):
+    """``dim``: the principal subspace's dimension (default: half the feature dimension)."""
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+
+    @property
+    def label(self) -> str:
+        return f"ViM(dim={self.dim})"
+
+    def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> ViM:
+        self.dim = self.dim or int(train.phi.shape[1]) // 2
+        w, b = linear.weight.double(), linear.bias.double()
         self.u = -torch.linalg.pinv(w) @ b
         x = train.phi.double() - self.u
         eigval, eigvec = torch.linalg.eigh(x.T @ x / len(x))
         order = eigval.argsort(descending=True)
-        self.null = eigvec[:, order[dim:]]  # complement of the principal subspace
+        self.null = eigvec[:, order[self.dim:]]  # complement of the principal subspace
         vlogit = (x @ self.null).norm(dim=1)
         self.alpha = float(train.logits.double().max(1).values.mean() / vlogit.mean())
-        self.dim = dim
+        return self
 
-    def __call__(self, c: Cache) -> np.ndarray:
-        vlogit = ((c.phi.double() - self.u) @ self.null).norm(dim=1)
-        return (torch.logsumexp(c.logits.double(), 1) - self.alpha * vlogit).numpy()
-
-
-def fit_baselines(train: Cache, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  *, he_beta: float, knn_k: int = 50, knn_subset: int | None = None,
-                  vim_dim: int | None = None, react_percentile: float = 90.0,
-                  seed: int = 0) -> dict:
-    """name -> callable(Cache) -> scores, all fitted on ``train`` (correctly classified)."""
-    c = int(weight.shape[0])
-    d = int(train.phi.shape[1])
-    knn_bank = train.phi
-    if knn_subset and knn_subset < len(knn_bank):
-        idx = torch.randperm(len(knn_bank), generator=torch.Generator().manual_seed(seed))
-        knn_bank = knn_bank[idx[:knn_subset]]
-    return {
-        "MSP": msp,
-        "Energy": energy,
-        f"ReAct(p{react_percentile:g})": ReAct(train.phi, weight, bias, react_percentile),
-        f"HE(b={he_beta:g})": HE(train.phi, labels, c, he_beta),
-        "SHE": SHE(train.phi, labels, c),
-        f"KNN(k={knn_k})": KNN(knn_bank, knn_k),
-        "Mahalanobis": Mahalanobis(train.phi, labels, c),
-        f"ViM(dim={vim_dim or d // 2})": ViM(train, weight, bias, vim_dim or d // 2),
-    }
+    def score(self, x: Features) -> np.ndarray:
+        vlogit = ((x.phi.double() - self.u) @ self.null).norm(dim=1)
+        return (torch.logsumexp(x.logits.double(), 1) - self.alpha * vlogit).numpy()

@@ -1,11 +1,12 @@
-"""The model card written beside every bundle (``<bundle>.md``): what it is, how good, how to rebuild."""
+"""The model card written beside every bundle (``<bundle>.md``): what it is, how good, how to
+rebuild."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
-from service.bundle import load_meta
+from hopgate.bundle import load_meta
 
 from .config import BuildConfig
 from .evaluate import format_quick
@@ -28,10 +29,12 @@ def write_card(cfg: BuildConfig, export_report: dict, quick: dict, config_path: 
         f"- ID data: `{cfg.data.id}` ({', '.join(meta.class_names)}); training-data fingerprint "
         f"`{meta.data_fingerprint}`; {cfg.data.holdout_fraction:.0%} of the train split held out "
         "for calibration and never trained on.",
-        f"- Input: uint8 `[B, {meta.height}, {meta.width}, {meta.channels}]`, resize `{meta.resize}`, "
+        f"- Input: uint8 `[B, {meta.height}, {meta.width}, {meta.channels}]`, "
+        f"resize `{meta.resize}`, "
         f"normalised in-graph with mean {meta.mean} / std {meta.std}.",
         f"- Backbone: `{meta.backbone}`, {cfg.backbone.epochs} epochs, seed {cfg.seed}.",
-        f"- Memory: {meta.method} ({meta.lagrangian}), {meta.bank} banks, {meta.memories_per_class} "
+        f"- Memory: {meta.method} ({meta.lagrangian}), {meta.bank} banks, "
+        f"{meta.memories_per_class} "
         f"memories per class, beta {meta.beta}, T = {meta.steps} unrolled steps, top-{meta.top_k} "
         "memories reported.",
         f"- Bundle size: {size_mb:.2f} MB.",

@@ -1,4 +1,6 @@
-"""``hopgate-export``: train | fit | calibrate | export | build | evaluate, from one config."""
+"""``hopgate-export``: train | fit | calibrate | export | build | evaluate | openset, from one
+config. ``openset`` writes the open-set benchmark's data and builds its model
+(``model_export.openset``)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hopgate-export", description=__doc__)
-    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "build", "evaluate"])
+    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "build", "evaluate",
+                                        "openset"])
     ap.add_argument("--config", "-c", help="YAML/JSON build config (default: built-in defaults)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set memory.beta=2 (repeatable)")
@@ -42,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from . import pipeline  # torch is imported only once the config is known to be good
+    from .splits import Sets
 
     progress = not args.no_progress
-    if args.command == "evaluate" and args.report:
+    sets = Sets(cfg)  # the command's data, each set loaded at most once
+    if args.command == "openset":
+        from .openset import prepare
+
+        report = prepare(cfg, progress)
+    elif args.command == "evaluate" and args.report:
         from .report import run_report
 
         try:
@@ -58,17 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         from .evaluate import format_quick, quick_report
 
-        report = quick_report(cfg, progress)
+        report = quick_report(cfg, progress, sets)
         print(format_quick(report))
     else:
-        report = (pipeline.build(cfg, progress) if args.command == "build"
-                  else pipeline.STEPS[args.command](cfg, progress))
+        report = (pipeline.build(cfg, progress, sets) if args.command == "build"
+                  else pipeline.STEPS[args.command](cfg, progress, sets))
         if args.command in ("build", "export"):  # every bundle gets its model card
             from .card import write_card
             from .evaluate import quick_report
 
             exported = report["export"] if args.command == "build" else report
-            card = write_card(cfg, exported, quick_report(cfg, progress), args.config,
+            card = write_card(cfg, exported, quick_report(cfg, progress, sets), args.config,
                               report.get("seconds"))
             print(f"[hopgate-export] model card {card}")
     if args.json:

@@ -12,6 +12,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# The memory settings' choices, named once: MemoryConfig validates them, fit.FitConfig and
+# reclag.RecLagHead take them (recipe.py maps one onto the others).
+Bank = Literal["per_class", "shared"]
+Sampler = Literal["probs", "probs_as_logits"]  # probs_as_logits: the official code's quirk
+Weights = Literal["log", "tf"]  # tf: float32 importance weights, as the official code
+Init = Literal["sample", "kmeans"]
+Lagrangian = Literal["lse", "rep_n"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -61,10 +69,10 @@ class MemoryConfig(_Strict):
     beta: float = Field(5.0, gt=0)
     memories: int = Field(10, gt=0)
     steps: int = Field(1, ge=0)
-    bank: Literal["per_class", "shared"] = "per_class"
-    sampler: Literal["probs", "probs_as_logits"] = "probs"
-    weights: Literal["log", "tf"] = "log"
-    init: Literal["sample", "kmeans"] = "sample"
+    bank: Bank = "per_class"
+    sampler: Sampler = "probs"
+    weights: Weights = "log"
+    init: Init = "sample"
     init_norm: float = Field(10.0, gt=0)
     feature_norm: float | None = Field(None, gt=0)  # rescale features to this L2 norm; None = raw
     epochs: int = Field(50, ge=0)
@@ -74,7 +82,7 @@ class MemoryConfig(_Strict):
     # memory Lagrangian (reclag.py): lse = RecLag's log-sum-exp; rep_n = Dense Associative
     # Memory's rectified polynomial ReLU(h)^n (dam.md). rectified=False drops the gate from the
     # dynamics (plain MHN/DAM update); the verdict is then the score threshold alone.
-    lagrangian: Literal["lse", "rep_n"] = "lse"
+    lagrangian: Lagrangian = "lse"
     power_n: int = Field(2, ge=1, le=64)
     rectified: bool = True
 
@@ -117,7 +125,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Build
         try:
             raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+            kind = "JSON" if path.suffix == ".json" else "YAML"
+            raise ConfigError(f"{path}: not valid {kind}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
@@ -129,6 +138,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Build
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
-                             for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+            for err in e.errors())
         raise ConfigError(f"{path or 'config'}: {problems}") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from service.imaging import fit
+from hopgate.pixels import fit
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -41,7 +41,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, idx) -> "Split":
+    def subset(self, idx) -> Split:
         return Split(self.images[idx], self.labels[idx], self.class_names)
 
     def fingerprint(self) -> str:
@@ -112,7 +112,8 @@ def image_folder(root: str | Path, size: tuple[int, int], channels: int,
 
 
 def npz_arrays(path: str | Path) -> Split:
-    """An ``.npz`` with ``images`` (uint8 [N,H,W] or [N,H,W,C]) and ``labels``; optional ``class_names``."""
+    """An ``.npz`` with ``images`` (uint8 [N,H,W] or [N,H,W,C]) and ``labels``; optional
+    ``class_names``."""
     with np.load(path, allow_pickle=False) as z:
         missing = {"images", "labels"} - set(z.files)
         if missing:

@@ -1,4 +1,5 @@
-"""Quick OOD figures of a built model: ID test accuracy, calibrated TPR, AUROC/FPR95 per far-OOD set.
+"""Quick OOD figures of a built model: ID test accuracy, calibrated TPR, AUROC/FPR95 per far-OOD
+set.
 
 (The full benchmark with baselines, ablations and the HTML report builds on this; see
 ``model_export.report``.)
@@ -9,25 +10,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import data
 from .calibrate import accepted_share
 from .config import BuildConfig
 from .metrics import ood_metrics
-from .pipeline import id_test, load_model
+from .model import GatedModel
+from .recipe import load_model
+from .splits import Sets
 from .train import extract
 
 
 @torch.no_grad()
-def bundle_scores(model, images: np.ndarray, progress: bool = False, desc: str = "scores"):
-    """(scores, predicted classes) of uint8 images through the PyTorch model's head."""
+def torch_scores(model: GatedModel, images: np.ndarray, progress: bool = False,
+                 desc: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    """(scores, predicted classes) of uint8 images through the PyTorch model's head (the
+    model the bundle is exported from; the ONNX file itself is run by ``export.run_ort``)."""
     phi, logits = extract(model.backbone, model.normalize, images, progress=progress, desc=desc)
     return model.head.score(phi, logits).numpy(), logits.argmax(1).numpy()
 
 
-def quick_report(cfg: BuildConfig, progress: bool = True) -> dict:
+def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
+    sets = sets or Sets(cfg)
     model, calib = load_model(cfg)
-    test = id_test(cfg)
-    id_scores, pred = bundle_scores(model, test.images, progress, "ID test")
+    test = sets.test
+    id_scores, pred = torch_scores(model, test.images, progress, "ID test")
     report = {
         "test_accuracy": float((pred == test.labels).mean()),
         "threshold": calib["threshold"],
@@ -36,8 +41,8 @@ def quick_report(cfg: BuildConfig, progress: bool = True) -> dict:
         "test_tpr": accepted_share(id_scores, calib["threshold"]),
         "ood": {},
     }
-    for name, imgs in data.far_ood_sets(cfg.data.size, cfg.data.channels, cfg.seed).items():
-        s, _ = bundle_scores(model, imgs, progress, name)
+    for name, imgs in sets.far_ood.items():
+        s, _ = torch_scores(model, imgs, progress, name)
         report["ood"][name] = {**ood_metrics(id_scores, s), "n": len(s),
                                "flagged_ood": 1.0 - accepted_share(s, calib["threshold"])}
     return report
@@ -46,7 +51,8 @@ def quick_report(cfg: BuildConfig, progress: bool = True) -> dict:
 def format_quick(report: dict) -> str:
     lines = [f"ID test accuracy {report['test_accuracy']:.4f}; threshold {report['threshold']:.3f} "
              f"accepts {report['test_tpr']:.4f} of ID test (target {report['target_tpr']})",
-             "| OOD set | n | AUROC | FPR95 (OOD accepted @ 95% ID kept) | flagged OOD at threshold |",
+             "| OOD set | n | AUROC | FPR95 (OOD accepted @ 95% ID kept) "
+             "| flagged OOD at threshold |",
              "|---|---|---|---|---|"]
     for name, m in report["ood"].items():
         lines.append(f"| {name} | {m['n']} | {m['auroc']:.4f} | {m['fpr95_ood_accepted']:.4f} | "

@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from service.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
+from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
 
 from .model import GatedModel
 
@@ -90,7 +90,8 @@ def run_torch(model: GatedModel, images: np.ndarray, log_lambda: float,
     model.eval()
     parts: dict[str, list] = {k: [] for k in OUTPUTS}
     for i in range(0, len(images), batch_size):
-        out = model.run(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), log_lambda)
+        batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
+        out = model.run(batch, log_lambda)
         for k in OUTPUTS:
             parts[k].append(out[k].numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -112,7 +113,8 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
     problems = []
     if np.any(diff > tol):
         i = int(np.argmax(diff / tol))
-        problems.append(f"score of image {i}: torch {ref['score'][i]:.6f} vs onnx {got['score'][i]:.6f}")
+        problems.append(f"score of image {i}: torch {ref['score'][i]:.6f} "
+                        f"vs onnx {got['score'][i]:.6f}")
     # A score within float tolerance of the threshold has no well-defined verdict: those rows
     # (counted in the report) are exempt from the flag comparison, all others must match.
     borderline = np.abs(ref["score"] - log_lambda) <= tol
@@ -135,7 +137,8 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
             if not np.allclose(one["score"], got["score"][:b], rtol=rtol, atol=rtol):
                 problems.append(f"batch {b} scores differ from the batched run")
     if problems:
-        raise ParityError(f"{path}: parity check failed on {len(images)} images: " + "; ".join(problems))
+        raise ParityError(f"{path}: parity check failed on {len(images)} images: "
+                          + "; ".join(problems))
     return {"images": int(len(images)), "borderline": int(borderline.sum()),
             "max_score_abs_diff": float(diff.max()),
             "max_rel_diff": float((diff / (1.0 + np.abs(ref["score"]))).max())}

@@ -18,16 +18,21 @@ The official code also sets no seed; here everything is seeded and deterministic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import Init, Lagrangian, Sampler, Weights
 from .reclag import PAD, memory_logits
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
+    """The fitting settings: the fitting subset of config.MemoryConfig, same names and types
+    (recipe.fit_settings makes one from a MemoryConfig), plus ``samples``, fixed by the
+    official procedure."""
+
     memories: int = 10
     beta: float = 5.0
     samples: int = 5
@@ -35,16 +40,18 @@ class FitConfig:
     epochs: int = 50
     batch_size: int = 50
     lr: float = 1e-3
-    sampler: str = "probs"  # "probs" (correct SFNN) | "probs_as_logits" (official quirk)
-    weights: str = "log"  # "log" (log-space importance weights) | "tf" (float32 + 1e-16)
-    init: str = "sample"  # "sample" (official) | "kmeans"
-    lagrangian: str = "lse"  # "lse" (RecLag) | "rep_n" (DAM): the encoder p(mu|x) = softmax(a)
+    sampler: Sampler = "probs"
+    weights: Weights = "log"
+    init: Init = "sample"
+    lagrangian: Lagrangian = "lse"  # the encoder p(mu|x) = softmax(a) of this Lagrangian
     power_n: int = 2
 
 
-def sfnn_loss(xi: torch.Tensor, x: torch.Tensor, cfg: FitConfig, gen: torch.Generator) -> torch.Tensor:
+def sfnn_loss(xi: torch.Tensor, x: torch.Tensor, cfg: FitConfig,
+              gen: torch.Generator) -> torch.Tensor:
     """The importance-sampled SFNN objective for one batch x (B, D) and one bank xi (M, D)."""
-    z = torch.softmax(memory_logits(x @ xi.T, cfg.beta, cfg.lagrangian, cfg.power_n), dim=1)  # p(mu|x)
+    a = memory_logits(x @ xi.T, cfg.beta, cfg.lagrangian, cfg.power_n)
+    z = torch.softmax(a, dim=1)  # p(mu|x)
     with torch.no_grad():
         probs = torch.softmax(z, dim=1) if cfg.sampler == "probs_as_logits" else z
         mu = torch.multinomial(probs, cfg.samples, replacement=True, generator=gen)  # (B, S)
@@ -103,7 +110,7 @@ def fit_banks(features: torch.Tensor, labels: torch.Tensor, num_classes: int, cf
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if shared:
-        cfg_all = FitConfig(**{**cfg.__dict__, "memories": cfg.memories * num_classes})
+        cfg_all = replace(cfg, memories=cfg.memories * num_classes)
         order = torch.randperm(len(features), generator=gen)  # mix classes within batches
         bank = fit_bank(features[order], cfg_all, gen, "fit shared bank", progress)
         return bank[None], torch.zeros(1, len(bank))

@@ -32,8 +32,9 @@ from .outliers import pool_cache
 from .train import augment
 
 
-def energy(logits: torch.Tensor) -> torch.Tensor:
-    """S_En = -LSE(logits); low = ID."""
+def free_energy(logits: torch.Tensor) -> torch.Tensor:
+    """The free energy S_En = -LSE(logits) (T = 1); low = ID. (baselines.energy_score is its
+    negative, a score where high = ID.)"""
     return -torch.logsumexp(logits, dim=1)
 
 
@@ -46,7 +47,7 @@ def select_outliers(net, normalize, candidates: np.ndarray, k: int, seed: int) -
     net.eval()
     phi, logits = net(normalize(torch.from_numpy(candidates)))
     net.train(was_training)
-    s = energy(logits).numpy()
+    s = free_energy(logits).numpy()
     z = F.normalize(phi, dim=1).numpy()
     k = min(k, len(candidates))
     labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(z).labels_
@@ -69,7 +70,7 @@ def greg_loss(net, x_in: torch.Tensor, y_in: torch.Tensor, x_aux: torch.Tensor, 
     n = len(x_in)
     x = torch.cat([x_in, x_aux]).requires_grad_(True)
     _, logits = net(x)
-    s = energy(logits)
+    s = free_energy(logits)
     s_in, s_aux = s[:n], s[n:]
     ce = F.cross_entropy(logits[:n], y_in)
     l_s = (F.relu(s_in - g.m_in) ** 2).mean() + (F.relu(g.m_aux - s_aux) ** 2).mean()

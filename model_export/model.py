@@ -39,12 +39,12 @@ class GatedModel(nn.Module):
     def forward(self, images: Tensor, log_lambda: Tensor) -> tuple[Tensor, ...]:
         phi, logits = self.features(images)
         out = self.head(phi, logits, log_lambda)
-        from service.bundle import OUTPUTS
+        from hopgate.bundle import OUTPUTS
 
         return tuple(out[k] for k in OUTPUTS)
 
     def run(self, images: Tensor, log_lambda: float) -> dict[str, Tensor]:
         """Eager call with named outputs (evaluation, parity)."""
-        from service.bundle import OUTPUTS
+        from hopgate.bundle import OUTPUTS
 
         return dict(zip(OUTPUTS, self(images, torch.tensor(log_lambda, dtype=torch.float32))))

@@ -144,7 +144,8 @@ def auxiliary_outliers(n: int, size: tuple[int, int], channels: int, seed: int =
     return {"images": images, "sources": sources}
 
 
-def pool_cache(n: int, size: tuple[int, int], channels: int, seed: int, workdir: Path) -> np.ndarray:
+def pool_cache(n: int, size: tuple[int, int], channels: int, seed: int,
+               workdir: Path) -> np.ndarray:
     """The pool, cached as an .npz in the work dir (rendering costs a few seconds)."""
     path = Path(workdir) / f"aux_outliers_{n}_{size[0]}x{size[1]}x{channels}_s{seed}.npz"
     if path.exists():

@@ -1,4 +1,4 @@
-"""RecLag: the rectified memory Lagrangian, its gate, the unrolled dynamics and the energy.
+"""RecLag: the rectified memory Lagrangian, its gate, the unrolled dynamics, the Hopfield energy.
 
 The math lives here once; fitting, export and evaluation all call this module.
 
@@ -7,7 +7,7 @@ Notation (reclag.md): features phi in R^D, memory bank Xi in R^{M x D}, a = beta
     L_h(h)  = (1/beta) log max{lambda, sum_mu exp(beta h_mu)}        rectified log-sum-exp
     f(h)    = 1[sum exp(beta h) >= lambda] * softmax(beta h)          gate x softmax
     v_{t+1} = f(Xi v_t) Xi                                            discrete update
-    E(v)    = 1/2 |v|^2 - (1/beta) max{lse(beta Xi v), log lambda}    energy
+    E(v)    = 1/2 |v|^2 - (1/beta) max{lse(beta Xi v), log lambda}    Hopfield energy
 
 The threshold is kept in the log domain, tau = log(lambda), and never exponentiated. For
 tau > log M the origin is an attractor of every Xi (theorem T1), and a state whose gate is
@@ -30,8 +30,8 @@ L_h = (1/n) log max{lambda, sum_mu ReLU(h_mu)^n}; the normalised activation is
 ReLU(h)^(n-1) / sum ReLU(h)^(n-1) = softmax(a (n-1)/n) (F' normalised, as softmax is the
 normalised exp), and E(v) = 1/2 |v|^2 - (1/n) max{score, tau}. beta does not enter rep_n: a
 scale T on h only shifts the score by the constant -n log T. ``rectified=False`` keeps the
-gate open in the dynamics (the plain MHN / DAM update); the verdict is then the energy
-threshold score < tau, as in the HE baseline.
+gate open in the dynamics (the plain MHN / DAM update); the verdict is then the
+threshold alone, score < tau, as in the HE baseline.
 """
 
 from __future__ import annotations
@@ -107,10 +107,12 @@ def step(xi: Tensor, a: Tensor, tau: Tensor, lagrangian: str = "lse", power_n: i
     return gate(a, tau).unsqueeze(-1) * v if rectified else v
 
 
-def energy(v: Tensor, a: Tensor, beta: float, tau: Tensor, lagrangian: str = "lse",
-           power_n: int = 2, rectified: bool = True) -> Tensor:
-    """E(v) = 1/2 |v|^2 - (1/beta) max{lse(a), tau} (lse) or (1/n) max{lse(a), tau} (rep_n);
-    without the rectification the max with tau is dropped."""
+def hopfield_energy(v: Tensor, a: Tensor, beta: float, tau: Tensor, lagrangian: str = "lse",
+                    power_n: int = 2, rectified: bool = True) -> Tensor:
+    """The Hopfield (Lyapunov) energy of state v, the bundle's ``energy`` output:
+    E(v) = 1/2 |v|^2 - (1/beta) max{lse(a), tau} (lse) or (1/n) max{lse(a), tau} (rep_n);
+    without the rectification the max with tau is dropped. (Not the logits' free energy of
+    greg.free_energy, nor the baseline score baselines.energy_score.)"""
     scale = power_n if lagrangian == "rep_n" else beta
     s = torch.maximum(lse(a), tau) if rectified else lse(a)
     return 0.5 * (v * v).sum(-1) - s / scale
@@ -210,7 +212,8 @@ class RecLagHead(nn.Module):
             "pred_class": pred,
             "memory_index": torch.where(keep, glob, torch.full_like(glob, -1)),
             "memory_weight": torch.where(keep, weight, torch.zeros_like(weight)),
-            "energy": energy(v, a, self.beta, tau, self.lagrangian, self.power_n, self.rectified),
+            "energy": hopfield_energy(v, a, self.beta, tau, self.lagrangian, self.power_n,
+                                      self.rectified),
             "msp": probs.max(-1).values,
-            "energy_score": lse(logits),
+            "energy_score": lse(logits),  # the Energy baseline: +LSE(logits), high = ID
         }

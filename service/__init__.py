@@ -1,3 +1,1 @@
-"""hopgate's serving side: onnxruntime, FastAPI, no torch."""
-
-__version__ = "0.1.0"
+"""hopgate's serving half: onnxruntime, FastAPI, no torch (imported as ``hopgate.service``)."""

@@ -13,9 +13,14 @@ import json
 import logging
 import sys
 import time
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
+from hopgate.bundle import BundleError, load_meta
+
+from .app import create_app
 from .config import Settings
 
 
@@ -36,12 +41,13 @@ class JsonFormatter(logging.Formatter):
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain between the signal and the exit."""
 
-    def __init__(self, config: uvicorn.Config, app, drain_seconds: float, quiet_seconds: float):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
+                 quiet_seconds: float):
         super().__init__(config)
         self.hopgate_app, self.drain_seconds, self.quiet = app, drain_seconds, quiet_seconds
         self._draining = False
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:  # second signal: leave now
             return super().handle_exit(sig, frame)
         self._draining = True
@@ -51,7 +57,7 @@ class DrainingServer(uvicorn.Server):
         asyncio.get_event_loop().call_soon_threadsafe(
             lambda: asyncio.ensure_future(self._drain_then_exit(sig, frame)))
 
-    async def _drain_then_exit(self, sig, frame) -> None:
+    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
         state, t0 = self.hopgate_app.state, time.monotonic()
         batcher = getattr(state, "batcher", None)
         if batcher is not None:
@@ -71,16 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="bundle path (default: the bundled models/default.onnx)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model}.items()
-                 if v is not None}
+    flags = {"host": args.host, "port": args.port, "model": args.model}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     settings = Settings(**overrides)
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
-
-    from .api import create_app
-    from .bundle import BundleError, load_meta
 
     try:
         load_meta(settings.model)  # a clear refusal before anything starts
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=int(settings.drain_seconds) + 1)
+                            access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 1)
     server = DrainingServer(config, app, settings.drain_seconds, settings.drain_quiet_seconds)
     server.run()
     return 0

@@ -9,7 +9,7 @@ With ``HOPGATE_UPSTREAM_URL`` set, /score scores every image as usual, then:
     policy: ``fail_closed`` answers 502 (down) / 504 (slow) and forwards nothing;
     ``fail_open`` answers 200 with hopgate's verdict and the upstream's error noted.
 A single-image request takes the status of its outcome; a multi-image request answers 200
-with ``upstream`` (or ``held_back``) per result.
+with ``upstream`` (or ``held_back``) per result (schema.ImageResult).
 """
 
 from __future__ import annotations
@@ -17,24 +17,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .metrics import LATENCY_BUCKETS
+from .schema import ErrorInfo, ScoreResponse, UpstreamAnswer
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class Gate:
     def __init__(self, url: str, timeout_s: float, policy: str, ood_status: int, ood_body: str,
-                 registry):
+                 registry: CollectorRegistry):
         if policy not in ("fail_open", "fail_closed"):
             raise ValueError("upstream policy must be fail_open or fail_closed")
         self.url, self.policy, self.ood_status = url, policy, ood_status
-        self.ood_extra = json.loads(ood_body) if ood_body else {}
+        self.ood_extra: dict[str, Any] = json.loads(ood_body) if ood_body else {}
         self.client = httpx.AsyncClient(timeout=timeout_s)
         self.calls = Counter("hopgate_upstream_calls", "Calls to the upstream by outcome",
                              ["outcome"], registry=registry)
@@ -45,59 +48,63 @@ class Gate:
         self.held_back = Counter("hopgate_upstream_held_back", "OOD images never forwarded",
                                  registry=registry)
 
-    async def forward(self, blob: bytes, ctype: str, headers: dict) -> dict:
+    async def forward(self, blob: bytes, ctype: str, headers: dict[str, str]) -> UpstreamAnswer:
         t0 = time.perf_counter()
         try:
-            r = await self.client.post(self.url, content=blob, headers={"content-type": ctype, **headers})
+            r = await self.client.post(self.url, content=blob,
+                                       headers={"content-type": ctype, **headers})
         except httpx.TimeoutException:
             self.errors.labels("timeout").inc()
             self.calls.labels("error").inc()
-            return {"error": "upstream timed out", "status": 504}
+            return UpstreamAnswer(error="upstream timed out", status=504)
         except httpx.HTTPError as e:
             self.errors.labels("unreachable").inc()
             self.calls.labels("error").inc()
-            return {"error": f"upstream unreachable: {type(e).__name__}", "status": 502}
+            return UpstreamAnswer(error=f"upstream unreachable: {type(e).__name__}", status=502)
         finally:
             self.latency.observe(time.perf_counter() - t0)
         self.calls.labels("ok" if r.status_code < 500 else "error").inc()
         if r.status_code >= 500:
             self.errors.labels("status").inc()
+        body: Any
         try:
             body = r.json()
         except ValueError:
             body = r.text
-        return {"status": r.status_code, "body": body}
+        return UpstreamAnswer(status=r.status_code, body=body)
 
-    async def __call__(self, request: Request, body: dict, blobs: list) -> JSONResponse:
+    async def __call__(self, request: Request, response: ScoreResponse,
+                       blobs: Sequence[bytes | Exception]) -> JSONResponse:
         headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
         ctype = request.headers.get("content-type", "application/octet-stream")
-        results = body["results"]
+        results = response.results
         jobs = {}
         for i, r in enumerate(results):
-            if "error" in r:
+            blob = blobs[i]
+            if r.error is not None or not isinstance(blob, bytes):
                 continue
-            if r["ood"]:
+            if r.ood:
                 self.held_back.inc()
-                r["held_back"] = True
+                r.held_back = True
             else:
                 # multipart / JSON items are forwarded as raw image bytes
                 item_type = ctype if ctype.startswith("image/") else "application/octet-stream"
-                jobs[i] = self.forward(blobs[i], item_type, headers)
+                jobs[i] = self.forward(blob, item_type, headers)
         for i, answer in zip(jobs, await asyncio.gather(*jobs.values())):
-            results[i]["upstream"] = answer
-        failed = [r for r in results if "error" in r.get("upstream", {})]
+            results[i].upstream = answer
+        failed = [a for r in results if (a := r.upstream) is not None and a.error is not None]
         if failed and self.policy == "fail_closed":
-            status = failed[0]["upstream"]["status"]
-            return JSONResponse({**body, "error": {"status": status, "reason": "upstream",
-                                                   "message": failed[0]["upstream"]["error"]}},
-                                status)
-        if len(results) == 1 and "error" not in results[0]:
+            status = failed[0].status
+            response.error = ErrorInfo(status=status, reason="upstream",
+                                       message=failed[0].error or "upstream failed")
+            return response.render(status)
+        if len(results) == 1 and results[0].error is None:
             r = results[0]
-            if r["ood"]:
-                return JSONResponse({**body, **self.ood_extra}, self.ood_status)
-            if "error" not in r["upstream"]:
-                return JSONResponse(body, r["upstream"]["status"])
-        return JSONResponse(body, 200)
+            if r.ood:
+                return response.render(self.ood_status, self.ood_extra)
+            if r.upstream is not None and r.upstream.error is None:
+                return response.render(r.upstream.status)
+        return response.render(200)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -19,6 +19,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hopgate.pixels import fit
+
+from .errors import ImageError
+
+__all__ = ["ImageError", "decode", "set_pillow_limit", "sniff"]
+
 # Pillow's own bomb guard stays on as a second line (its limit is ours, x2 raises).
 _MAGIC = [
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -29,12 +35,6 @@ _MAGIC = [
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 ]
-
-
-class ImageError(ValueError):
-    def __init__(self, status: int, message: str, reason: str = "bad_input"):
-        super().__init__(message)
-        self.status, self.message, self.reason = status, message, reason
 
 
 def sniff(data: bytes) -> str:
@@ -67,14 +67,13 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt])
-            if img.width * img.height > max_pixels:
-                raise ImageError(413, f"image has {img.width}x{img.height} pixels; the limit is "
-                                      f"{max_pixels}")
-            img.seek(0)  # animated: the first frame
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_mode(img, channels)
+            opened = Image.open(io.BytesIO(data), formats=[fmt])
+            if opened.width * opened.height > max_pixels:
+                raise ImageError(413, f"image has {opened.width}x{opened.height} pixels; the "
+                                      f"limit is {max_pixels}")
+            opened.seek(0)  # animated: the first frame
+            opened.load()
+            img = _to_mode(ImageOps.exif_transpose(opened), channels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -82,17 +81,6 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(422, f"cannot decode {fmt} image: {e}") from None
     return fit(img, height, width, resize)
-
-
-def fit(img: Image.Image, height: int, width: int, resize: str = "stretch") -> np.ndarray:
-    """The one resize policy, shared with training (model_export.data.resize): stretch, or
-    centre crop then resize, bilinear. ``img`` is already L or RGB."""
-    if resize == "center_crop":
-        s = min(img.width, img.height)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-    arr = np.asarray(img.resize((width, height), Image.BILINEAR), dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def set_pillow_limit(max_pixels: int) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,8 @@ class LocalServer:
 
 
 @contextmanager
-def local_server(log_dir: Path, model: str | Path | None = None, timeout: float = 60, **settings):
+def local_server(log_dir: Path, model: str | Path | None = None, timeout: float = 60,
+                 **settings: object) -> Iterator[LocalServer]:
     """Start the service with HOPGATE_* ``settings``; yields once /readyz answers 200, and
     stops it with SIGTERM (then SIGKILL after 30 s) on exit."""
     port = free_port()
@@ -43,7 +45,7 @@ def local_server(log_dir: Path, model: str | Path | None = None, timeout: float 
     env.update({f"HOPGATE_{k.upper()}": str(v) for k, v in settings.items()})
     log = Path(log_dir) / f"server-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "hopgate.service.cli"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     server = LocalServer(proc, port, log)
     try:

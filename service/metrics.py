@@ -7,7 +7,9 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
-REASONS = ("ok", "queue_full", "deadline", "bad_input", "unauthorized", "shutdown", "internal")
+# the reason label of hopgate_requests_total (errors.ServingError.reason), as docs/serving.md
+REASONS = ("ok", "queue_full", "deadline", "bad_input", "unauthorized", "not_found",
+           "method_not_allowed", "shutdown", "internal")
 
 
 class Metrics:
@@ -19,7 +21,8 @@ class Metrics:
                               ["verdict"], registry=r)
         self.request_seconds = Histogram("hopgate_request_seconds", "Request latency",
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("hopgate_queue_wait_seconds", "Time an image waited in the queue",
+        self.queue_wait = Histogram("hopgate_queue_wait_seconds",
+                                    "Time an image waited in the queue",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.compute = Histogram("hopgate_compute_seconds", "onnxruntime time per batch",
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -41,7 +44,8 @@ class Metrics:
         n = len(quantiles)
         edges = {round(quantiles[min(int(i * n / 20), n - 1)], 3) for i in range(21)}
         spread = (quantiles[-1] - quantiles[0]) or 1.0
-        edges |= {round(threshold, 3)} | {round(threshold - k * spread / 4, 3) for k in (1, 2, 4, 8)}
+        edges |= {round(threshold, 3)}
+        edges |= {round(threshold - k * spread / 4, 3) for k in (1, 2, 4, 8)}
         return sorted(edges)
 
     def verdict(self, ood: bool, score: float) -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleError, BundleMeta, load_meta
+from hopgate.bundle import (
+    INPUT_IMAGES,
+    INPUT_LOG_LAMBDA,
+    OUTPUTS,
+    BundleError,
+    BundleMeta,
+    load_meta,
+)
 
 log = logging.getLogger("hopgate.runtime")
 

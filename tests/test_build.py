@@ -4,15 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from model_export import data
-from model_export.config import ConfigError, load_config
-from model_export.export import ort_session, run_ort
-from service.bundle import load_meta
+from hopgate.bundle import load_meta
+from hopgate.model_export import data
+from hopgate.model_export.config import ConfigError, load_config
+from hopgate.model_export.export import ort_session, run_ort
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "default.onnx"
 
 
+@pytest.mark.slow
 def test_quick_build_behaves(quick_build):
     cfg, report = quick_build
     # 2 epochs on 9,600 images: far from the default's 91 % (measured 0.79-0.83 across
@@ -27,11 +28,12 @@ def test_quick_build_behaves(quick_build):
     assert meta.score_quantiles == sorted(meta.score_quantiles)
 
 
+@pytest.mark.slow
 def test_quick_build_is_deterministic(quick_build, tmp_path):
     """Same config and seed -> the same memories (fit is seeded; official code was not)."""
     import torch
 
-    from model_export import pipeline
+    from hopgate.model_export import pipeline
 
     cfg, _ = quick_build
     again = cfg.model_copy(update={"workdir": tmp_path})

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_export.export import check_parity, export_onnx, ort_session, run_ort
-from model_export.model import GatedModel, Normalize
-from model_export.reclag import RecLagHead, activations, run_dynamics, safe_threshold
-from service.bundle import load_meta
+from hopgate.bundle import load_meta
+from hopgate.model_export.export import check_parity, export_onnx, ort_session, run_ort
+from hopgate.model_export.model import GatedModel, Normalize
+from hopgate.model_export.reclag import RecLagHead, activations, run_dynamics, safe_threshold
 from tests.test_graph import C, D, M, PixelFeatures, meta_for
 
 N_POWERS = (2, 5, 30)
@@ -106,8 +106,8 @@ def test_rep_n_graph_matches_torch(tmp_path, n, rectified):
 
 @pytest.fixture(scope="module")
 def dam_bundle(quick_build, tmp_path_factory):
-    from model_export import pipeline
-    from model_export.config import load_config
+    from hopgate.model_export import pipeline
+    from hopgate.model_export.config import load_config
 
     qcfg, _ = quick_build
     work = tmp_path_factory.mktemp("dam")
@@ -121,11 +121,13 @@ def dam_bundle(quick_build, tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_dam_bundle_is_served_unchanged(dam_bundle, tmp_path):
-    from model_export import data
-    from service.local import local_server
-
     import httpx
+
+    from hopgate.model_export import data
+    from hopgate.service.local import local_server
 
     cfg = dam_bundle
     meta = load_meta(cfg.output)
@@ -133,8 +135,8 @@ def test_dam_bundle_is_served_unchanged(dam_bundle, tmp_path):
     shirt = data.fashion_mnist("test").images[:1]
     digit = data.resize_all(data.ood_digits()[:1], (28, 28), 1)
     direct = run_ort(ort_session(cfg.output), np.concatenate([shirt, digit]))
-    with local_server(tmp_path, cfg.output, intra_op_threads=1) as srv:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
+    with (local_server(tmp_path, cfg.output, intra_op_threads=1) as srv,
+          httpx.Client(base_url=srv.url, timeout=30) as c):
             for i, img in enumerate((shirt[0], digit[0])):
                 buf = io.BytesIO()
                 Image.fromarray(img[..., 0]).save(buf, "PNG")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from model_export import data
-from model_export.calibrate import accepted_share
-from model_export.evaluate import bundle_scores
-from model_export.export import ort_session, run_ort
-from model_export.metrics import bootstrap_ci, ood_metrics
-from model_export.pipeline import id_test, load_model
+from hopgate.model_export import data
+from hopgate.model_export.calibrate import accepted_share
+from hopgate.model_export.evaluate import torch_scores
+from hopgate.model_export.export import ort_session, run_ort
+from hopgate.model_export.metrics import bootstrap_ci, ood_metrics
+from hopgate.model_export.recipe import load_model
+from hopgate.model_export.splits import id_test
 
 
 @pytest.fixture(scope="module")
@@ -26,49 +26,59 @@ def bench(quick_build):
     return cfg, model, calib, images
 
 
+@pytest.mark.slow
 def test_onnx_scores_benchmark_images_as_pytorch(bench):
     cfg, model, calib, images = bench
     tau = calib["threshold"]
-    torch_scores, torch_pred = bundle_scores(model, images)
+    scores, torch_pred = torch_scores(model, images)
     out = run_ort(ort_session(cfg.output), images)
-    rel = np.abs(out["score"] - torch_scores) / np.maximum(np.abs(torch_scores), 1.0)
+    rel = np.abs(out["score"] - scores) / np.maximum(np.abs(scores), 1.0)
     assert rel.max() < 1e-4, rel.max()
     np.testing.assert_array_equal(out["pred_class"], torch_pred)
     # same flags: the bundle's verdict is score < tau; only a row whose score lies within the
     # float tolerance of the threshold itself could differ, and none may flip otherwise
-    torch_ood = torch_scores < tau
-    decided = np.abs(torch_scores - tau) > 1e-4 * max(abs(tau), 1.0)
+    torch_ood = scores < tau
+    decided = np.abs(scores - tau) > 1e-4 * max(abs(tau), 1.0)
     assert decided.mean() > 0.99
     np.testing.assert_array_equal(out["is_ood"][decided], torch_ood[decided])
     assert 0 < torch_ood.mean() < 1  # both verdicts occur on the benchmark images
 
 
-def test_report_scores_are_bundle_scores(bench, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_report_scores_are_bundle_scores(bench, tmp_path):
     """The report scores RecLag from cached features with the bundle's head: same numbers as
     running the whole model on the images."""
-    from model_export import report
+    import shutil
+
+    from hopgate.model_export.ablations import steps_rows
+    from hopgate.model_export.detectors import REGISTRY, Options
+    from hopgate.model_export.feature_cache import build_cache, cache_path
+    from hopgate.model_export.methods import set_scores
+    from hopgate.model_export.splits import Sets
 
     cfg, model, _, _ = bench
-    monkeypatch.setattr(report, "EVAL_ROOT", tmp_path)
+    shutil.copy(cfg.workdir / "backbone.pt", tmp_path / "backbone.pt")
     cfg_small = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_subset": 300}),
-                                       "name": "quick-cache"})
-    cache = report.build_cache(cfg_small, ood_limit=50, progress=False)
-    scores = report.head_scores(model.head, cache)
-    direct, _ = bundle_scores(model, id_test(cfg_small).images)
+                                       "name": "quick-cache", "workdir": tmp_path})
+    cache = build_cache(cfg_small, Sets(cfg_small), ood_limit=50, progress=False)
+    scores = set_scores(REGISTRY["reclag"](Options(head=model.head)), cache, holdout=True)
+    direct, _ = torch_scores(model, id_test(cfg_small).images)
     np.testing.assert_allclose(scores["test"], direct, rtol=1e-5)
     assert set(scores["ood"]) == {"digits", "photos", "faces", "glyphs", "noise"}
-    assert (tmp_path / "quick-cache" / "cache.pt").exists()
+    assert cache_path(cfg_small) == tmp_path / "eval" / "cache.pt"  # under the work dir
+    assert cache_path(cfg_small).exists()
     # T unrolled steps: the score is the t = 0 gate quantity; the verdict rows are well formed
-    rows = report._steps_rows(model.head, cache, cfg.memory.beta, (0, 1))
+    rows = steps_rows(model.head, cache, (0, 1))
     assert [r["steps"] for r in rows] == [0, 1]
     assert all(0.0 <= r["id_accepted"] <= 1.0 for r in rows)
-    model.head.steps = cfg.memory.steps
+    assert model.head.steps == cfg.memory.steps  # the head's own T is left as it was
 
 
+@pytest.mark.slow
 def test_calibrated_threshold_holds_on_unseen_id(bench):
     cfg, model, calib, _ = bench
     test = id_test(cfg)
-    scores, _ = bundle_scores(model, test.images)
+    scores, _ = torch_scores(model, test.images)
     share = accepted_share(scores, calib["threshold"])
     assert abs(share - calib["target_tpr"]) <= 0.015, share
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from model_export.export import ParityError, check_parity, export_onnx, ort_session, run_ort
-from model_export.model import GatedModel, Normalize
-from model_export.reclag import RecLagHead
-from service.bundle import BundleError, BundleMeta, load_meta
+from hopgate.bundle import BundleError, BundleMeta, load_meta
+from hopgate.model_export.export import ParityError, check_parity, export_onnx, ort_session, run_ort
+from hopgate.model_export.model import GatedModel, Normalize
+from hopgate.model_export.reclag import RecLagHead
 
 D, C, M = 16, 4, 6
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import string
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from model_export import backbones, data, outliers
-from model_export.config import GregConfig
-from model_export.greg import energy, greg_loss, select_outliers
-from model_export.model import Normalize
-from service.bundle import load_meta
+from hopgate.bundle import load_meta
+from hopgate.model_export import backbones, data, outliers
+from hopgate.model_export.config import GregConfig
+from hopgate.model_export.greg import free_energy, greg_loss, select_outliers
+from hopgate.model_export.model import Normalize
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_code_scaling_is_the_paper_term_over_the_group_size(net):
     (no BatchNorm coupling) code = paper / (2 n) for equal groups of n."""
     model, norm = net
     x_in, x_aux, y = norm(_batch(1, 6)), norm(_batch(2, 6)), torch.arange(6) % 10
-    s = energy(model(torch.cat([x_in, x_aux]))[1])
+    s = free_energy(model(torch.cat([x_in, x_aux]))[1])
     g = GregConfig(m_in=float(s.max()) + 1, m_aux=float(s.min()) - 1, lambda_score=0,
                    lambda_grad=1)  # every sample counts as detected: both masks full
     _, code = greg_loss(model, x_in, y, x_aux, g.model_copy(update={"grad_scaling": "code"}))
@@ -57,8 +58,8 @@ def test_masked_terms_vanish_when_nothing_is_detected(net):
 
 
 def test_energy_sampling_takes_each_clusters_extremes(net):
-    from sklearn.cluster import KMeans
     import torch.nn.functional as F
+    from sklearn.cluster import KMeans
 
     model, norm = net
     cand = _batch(5, 48).numpy()
@@ -66,7 +67,7 @@ def test_energy_sampling_takes_each_clusters_extremes(net):
     assert len(idx) == 16 and len(set(idx.tolist())) == 16
     with torch.no_grad():
         phi, logits = model(norm(torch.from_numpy(cand)))
-    s = energy(logits).numpy()
+    s = free_energy(logits).numpy()
     lab = KMeans(8, n_init=3, random_state=3).fit(F.normalize(phi, dim=1).numpy()).labels_
     for j in range(8):
         members = np.flatnonzero(lab == j)
@@ -90,15 +91,15 @@ def test_auxiliary_outliers_are_disjoint_from_every_test_ood_set():
                                      "immunohistochemistry", "lfw_subset")}
     assert not used & set(pool["sources"])
     assert any(s.startswith("skimage.") or s.startswith("matplotlib.") for s in pool["sources"])
-    assert not set(outliers.SYMBOLS) & set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    assert not set(outliers.SYMBOLS) & set(string.ascii_letters + string.digits)
 
 
 # --- a real GReg bundle: the quick build's backbone fine-tuned, then the usual steps --------
 
 @pytest.fixture(scope="module")
 def greg_bundle(quick_build, tmp_path_factory):
-    from model_export import pipeline
-    from model_export.config import load_config
+    from hopgate.model_export import pipeline
+    from hopgate.model_export.config import load_config
 
     qcfg, _ = quick_build
     work = tmp_path_factory.mktemp("greg")
@@ -113,21 +114,24 @@ def greg_bundle(quick_build, tmp_path_factory):
     return cfg, report
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_greg_bundle_is_served_unchanged(greg_bundle, tmp_path):
     import httpx
 
-    from model_export.export import ort_session, run_ort
-    from service.local import local_server
+    from hopgate.model_export.export import ort_session, run_ort
+    from hopgate.service.local import local_server
 
     cfg, report = greg_bundle
-    assert len(report["train"]["train_loss"]) == 1 and math.isfinite(report["train"]["train_loss"][0])
+    losses = report["train"]["train_loss"]
+    assert len(losses) == 1 and math.isfinite(losses[0])
     assert report["train"]["test_accuracy"] > 0.6  # fine-tuning kept the classifier
     meta = load_meta(cfg.output)
     assert meta.backbone.endswith("+greg") and meta.lagrangian == "lse"
     shirt = data.fashion_mnist("test").images[:1]
     direct = run_ort(ort_session(cfg.output), shirt)
-    with local_server(tmp_path, cfg.output, intra_op_threads=1) as srv:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
+    with (local_server(tmp_path, cfg.output, intra_op_threads=1) as srv,
+          httpx.Client(base_url=srv.url, timeout=30) as c):
             buf = io.BytesIO()
             Image.fromarray(shirt[0, ..., 0]).save(buf, "PNG")
             r = c.post("/score", content=buf.getvalue(), headers={"content-type": "image/png"})

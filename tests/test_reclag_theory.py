@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model_export import reclag
+from hopgate.model_export import reclag
 
 torch.set_default_dtype(torch.float32)
 
@@ -73,8 +73,8 @@ def test_closed_gate_at_t0_ends_at_origin_after_T_steps(steps):
     assert (still_open[closed0] == 0).all()
     if steps > 0:
         assert (v[closed0] == 0).all()
-        # energy of the origin: -tau / beta
-        e = reclag.energy(v, a, beta, tau)
+        # Hopfield energy of the origin: -tau / beta
+        e = reclag.hopfield_energy(v, a, beta, tau)
         torch.testing.assert_close(e[closed0], torch.full_like(e[closed0], -float(tau) / beta))
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_export import data
-from model_export.robustness import attack, flip_rate, stability_margins, verdicts
+from hopgate.model_export import data
+from hopgate.model_export.robustness import attack, flip_rate, stability_margins, verdicts
+
+pytestmark = pytest.mark.slow  # every test here attacks the quick build's model
 
 
 @pytest.fixture(scope="module")
 def quick_model(quick_build):
-    from model_export import pipeline
+    from hopgate.model_export.recipe import load_model
 
     cfg, _ = quick_build
-    model, calib = pipeline.load_model(cfg)
+    model, calib = load_model(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, float(calib["threshold"])
@@ -52,7 +54,8 @@ def test_pgd_flips_more_than_random_noise_of_the_same_size(quick_model, images):
     eps = 16 / 255
     adv = attack(model, ids, -1, eps, steps=10)
     rng = np.random.default_rng(0)
-    noisy = np.clip(ids.astype(int) + rng.choice([-16, 16], size=ids.shape), 0, 255).astype(np.uint8)
+    signs = rng.choice([-16, 16], size=ids.shape)
+    noisy = np.clip(ids.astype(int) + signs, 0, 255).astype(np.uint8)
     f_adv = flip_rate(model, tau, ids, adv, is_id=True)
     f_noise = flip_rate(model, tau, ids, noisy, is_id=True)
     assert f_adv["right_clean"] == f_noise["right_clean"] > 20

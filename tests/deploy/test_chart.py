@@ -8,10 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import helm_python as helm  # a dev dependency: missing means a broken set-up, not a skip
 import pytest
 import yaml
 
-import helm_python as helm  # a dev dependency: missing means a broken set-up, not a skip
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "hopgate"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
@@ -50,8 +50,10 @@ def test_manifests_validate_strictly(rendered, tmp_path):
         f = tmp_path / f"{i}-{d['kind']}.yaml"
         f.write_text(yaml.safe_dump(d))
         files.append(str(f))
-    exe = shutil.which("kubernetes-validate") or str(Path(__import__("sys").executable).parent / "kubernetes-validate")
-    r = subprocess.run([exe, "--strict", "-k", KUBE_VERSION, *files], capture_output=True, text=True)
+    exe = shutil.which("kubernetes-validate") or str(
+        Path(__import__("sys").executable).parent / "kubernetes-validate")
+    r = subprocess.run([exe, "--strict", "-k", KUBE_VERSION, *files], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -79,7 +81,8 @@ def test_sidecar_puts_hopgate_beside_the_classifier_and_the_service_goes_through
     (svc,) = by_kind(docs, "Service")
     target = svc["spec"]["ports"][0]["targetPort"]
     hop_ports = {p["name"] for p in containers["hopgate"]["ports"]}
-    assert target in hop_ports and target not in {p["name"] for p in containers["classifier"]["ports"]}
+    classifier_ports = {p["name"] for p in containers["classifier"]["ports"]}
+    assert target in hop_ports and target not in classifier_ports
 
 
 def test_probes_point_at_real_endpoints_and_grace_matches_drain():
@@ -87,7 +90,7 @@ def test_probes_point_at_real_endpoints_and_grace_matches_drain():
     (dep,) = by_kind(docs, "Deployment")
     spec = dep["spec"]["template"]["spec"]
     (c,) = spec["containers"]
-    from service.api import create_app
+    from hopgate.service.app import create_app
 
     paths = set(create_app().openapi()["paths"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -1,4 +1,5 @@
-"""Gatekeeper mode with a real upstream process on loopback that counts its calls."""
+"""Gatekeeper mode with a real upstream process on loopback that counts its calls
+(integration tier; the gate's logic runs in process in tests/service/test_app.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.local import free_port, local_server
+from hopgate.service.local import free_port, local_server
+
+pytestmark = pytest.mark.integration
 
 UPSTREAM = textwrap.dedent('''
     import sys, time, json
@@ -67,17 +70,24 @@ def png(arr) -> bytes:
 
 @pytest.fixture(scope="module")
 def images():
-    from model_export import data
-    from model_export.export import ort_session, run_ort
-
     from pathlib import Path
 
-    DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default.onnx"
+    import onnxruntime as ort
+
+    from hopgate.bundle import INPUT_IMAGES, OUTPUTS
+    from hopgate.model_export import data  # numpy + Pillow (+ scikit-learn for the digits)
+
+    bundle = Path(__file__).resolve().parents[2] / "models" / "default.onnx"
+    sess = ort.InferenceSession(str(bundle), providers=["CPUExecutionProvider"])
+
+    def run_ort(images):
+        return dict(zip(OUTPUTS, sess.run(list(OUTPUTS), {INPUT_IMAGES: images})))
+
     test = data.fashion_mnist("test").subset(np.arange(500))
-    out = run_ort(ort_session(DEFAULT_BUNDLE), test.images)
+    out = run_ort(test.images)
     id_img = test.images[int(np.flatnonzero(~out["is_ood"] & (out["msp"] > 0.99))[0])]
     digits = data.resize_all(data.ood_digits()[:50], (28, 28), 1)
-    d_out = run_ort(ort_session(DEFAULT_BUNDLE), digits)
+    d_out = run_ort(digits)
     return png(id_img), png(digits[int(np.flatnonzero(d_out["is_ood"])[0])])
 
 
@@ -97,7 +107,8 @@ def test_id_passes_through_ood_never_reaches_upstream(tmp_path, images):
             assert r.status_code == 200
             res = r.json()["results"][0]
             assert res["ood"] is False
-            assert res["upstream"] == {"status": 200, "body": {"label": "sneaker", "bytes": len(id_png)}}
+            assert res["upstream"] == {"status": 200,
+                                       "body": {"label": "sneaker", "bytes": len(id_png)}}
             r = post(s, ood_png)
             assert r.status_code == 403 and r.json()["blocked"] is True
             assert r.json()["results"][0]["ood"] is True and r.json()["results"][0]["held_back"]
@@ -119,7 +130,8 @@ def test_upstream_down_gets_the_policy(tmp_path, images, policy, status):
         assert r.status_code == status
         res = r.json()["results"][0]
         assert res["ood"] is False and "unreachable" in res["upstream"]["error"]
-        assert "hopgate_upstream_errors_total{kind=\"unreachable\"} 1.0" in httpx.get(s.url + "/metrics").text
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'hopgate_upstream_errors_total{kind="unreachable"} 1.0' in metrics
 
 
 def test_slow_upstream_gets_the_timeout(tmp_path, images):

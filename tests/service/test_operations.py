@@ -1,7 +1,9 @@
-"""Overload, SIGTERM drain, API key, and the official Triton client against the V2 endpoints."""
+"""Overload, SIGTERM drain, API key, and the official Triton client against the V2 endpoints,
+each against a real server (integration tier)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -9,8 +11,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import serve
+from inputs import encode
 
-from conftest import encode, serve
+pytestmark = pytest.mark.integration
 
 
 def test_overload_is_rejected_at_once_never_500(tmp_path, fashion):
@@ -44,6 +48,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path, fashion, direct)
     blob = encode(fashion.images[5])
     want = float(direct(fashion.images[5:6])["score"][0])
     outcomes, lock, stop = [], threading.Lock(), threading.Event()
+    under_load = threading.Event()  # set once the server has answered a few requests
     with serve(tmp_path, drain_seconds=10) as s:
         def worker():
             with httpx.Client(base_url=s.url, timeout=30) as c:
@@ -59,19 +64,20 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path, fashion, direct)
                         out = ("dropped", repr(e))
                     with lock:
                         outcomes.append(out)
+                        if sum(o[0] == 200 for o in outcomes) >= 16:
+                            under_load.set()
                     if out[0] in (503, "refused"):  # told to go away: a good client stops
                         return
         threads = [threading.Thread(target=worker) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # signal once the server is demonstrably serving this load, however slow the machine
+        assert under_load.wait(120), f"no load reached the server: {outcomes[:3]}"
         s.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         ready_after = None
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             ready_after = httpx.get(s.url + "/readyz", timeout=2).status_code
-        except httpx.HTTPError:
-            pass
         s.proc.wait(30)
         exit_s = time.monotonic() - t0
         stop.set()
@@ -96,8 +102,9 @@ def test_api_key(tmp_path, fashion):
     key_file.write_text("s3cret\n")
     blob = encode(fashion.images[0])
     with serve(tmp_path, api_key_file=key_file) as s, s.client() as c:
-        assert c.post("/score", content=blob, headers={"content-type": "image/png"}).status_code == 401
-        bad = c.post("/score", content=blob, headers={"content-type": "image/png", "x-api-key": "nope"})
+        png = {"content-type": "image/png"}
+        assert c.post("/score", content=blob, headers=png).status_code == 401
+        bad = c.post("/score", content=blob, headers={**png, "x-api-key": "nope"})
         assert bad.status_code == 401 and bad.json()["error"]["reason"] == "unauthorized"
         ok = c.post("/score", content=blob, headers={"content-type": "image/png",
                                                      "authorization": "Bearer s3cret"})
@@ -125,10 +132,12 @@ def test_triton_client_works_unchanged(server, fashion):
     blobs = np.array([encode(i) for i in imgs], dtype=np.object_)
     binp = tc.InferInput("image_bytes", [len(blobs)], "BYTES")
     binp.set_data_from_numpy(blobs, binary_data=True)
-    res2 = client.infer("default", [binp], outputs=[tc.InferRequestedOutput("score", binary_data=False),
-                                                   tc.InferRequestedOutput("p_value")])
+    res2 = client.infer("default", [binp],
+                        outputs=[tc.InferRequestedOutput("score", binary_data=False),
+                                 tc.InferRequestedOutput("p_value")])
     with server.client() as c:
-        ref = [c.post("/score", content=b, headers={"content-type": "image/png"}).json()["results"][0]
+        ref = [c.post("/score", content=b,
+                      headers={"content-type": "image/png"}).json()["results"][0]
                for b in blobs]
     np.testing.assert_allclose(scores, [r["score"] for r in ref], rtol=1e-5)
     np.testing.assert_allclose(res2.as_numpy("score"), scores, rtol=1e-5)

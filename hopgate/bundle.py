@@ -87,7 +87,7 @@ class BundleMeta(BaseModel):
         return {PREFIX + k: json.dumps(v) for k, v in self.model_dump().items()}
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str = "bundle") -> "BundleMeta":
+    def from_props(cls, props: dict[str, str], source: str = "bundle") -> BundleMeta:
         ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
         if not ours:
             raise BundleError(f"{source}: no hopgate metadata (not a hopgate bundle?)")
@@ -98,7 +98,8 @@ class BundleMeta(BaseModel):
         if version != FORMAT_VERSION:
             raise BundleError(
                 f"{source}: bundle format {version} was made by hopgate "
-                f"{ours.get('hopgate_version', '?')}; this hopgate reads format {FORMAT_VERSION} only"
+                f"{ours.get('hopgate_version', '?')}; "
+                f"this hopgate reads format {FORMAT_VERSION} only"
             )
         try:
             values = {k: json.loads(v) for k, v in ours.items()}
@@ -121,10 +122,11 @@ class BundleMeta(BaseModel):
         q = self.score_quantiles
         n = len(q)
         rank = bisect.bisect_right(q, score)
+        pos = float(rank)
         if 0 < rank < n:  # interpolate within the bracketing quantiles
             lo, hi = q[rank - 1], q[rank]
-            rank = rank - 1 + ((score - lo) / (hi - lo) if hi > lo else 1.0)
-        frac = rank / n
+            pos = rank - 1 + ((score - lo) / (hi - lo) if hi > lo else 1.0)
+        frac = pos / n
         m = self.calibration_size
         return (1.0 + frac * m) / (m + 1.0)
 

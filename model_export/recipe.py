@@ -1,0 +1,95 @@
+"""Config -> objects, written once: backbone, RecLag head, fit settings, bundle metadata.
+
+The pipeline, the benchmark report and the robustness benchmark all build their pieces here,
+so a memory setting (``top_k``, ``lagrangian``, ``power_n``, ``rectified``, ...) reaches every
+path the same way. ``load_backbone``/``load_model`` read a work dir's artifacts
+(``backbone.pt``, ``memory.pt``, ``calibration.json``) back into those objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+
+import torch
+
+from hopgate import __version__
+from hopgate.bundle import BundleMeta
+
+from . import backbones
+from .config import BuildConfig, MemoryConfig
+from .fit import FitConfig
+from .model import GatedModel, Normalize
+from .reclag import RecLagHead
+
+_FIT_FIELDS = [f.name for f in dataclasses.fields(FitConfig) if f.name in MemoryConfig.model_fields]
+
+
+def make_backbone(cfg: BuildConfig, num_classes: int) -> tuple[torch.nn.Module, Normalize]:
+    """A fresh backbone for ``num_classes`` and its in-graph normalisation."""
+    net = backbones.build(cfg.backbone.name, num_classes, cfg.data.channels)
+    mean = cfg.backbone.mean or list(getattr(net, "mean", (0.5,) * cfg.data.channels))
+    std = cfg.backbone.std or list(getattr(net, "std", (0.5,) * cfg.data.channels))
+    mean, std = list(mean)[:cfg.data.channels], list(std)[:cfg.data.channels]
+    return net, Normalize(mean, std)
+
+
+def fit_settings(memory: MemoryConfig) -> FitConfig:
+    """The memory config's fitting settings (every FitConfig field MemoryConfig has)."""
+    return FitConfig(**{name: getattr(memory, name) for name in _FIT_FIELDS})
+
+
+def make_head(memory: MemoryConfig, banks: torch.Tensor, mask_bias: torch.Tensor) -> RecLagHead:
+    """The RecLag head of fitted ``banks`` with every head setting of ``memory``."""
+    m = memory
+    return RecLagHead(banks, mask_bias, beta=m.beta, steps=m.steps, top_k=m.top_k,
+                      shared=m.bank == "shared", feature_norm=m.feature_norm,
+                      lagrangian=m.lagrangian, power_n=m.power_n, rectified=m.rectified)
+
+
+def method_of(memory: MemoryConfig) -> str:
+    """The bundle's ``method``: "dam" for DAM's rep_n Lagrangian, else "reclag"."""
+    return "dam" if memory.lagrangian == "rep_n" else "reclag"
+
+
+def backbone_label(cfg: BuildConfig) -> str:
+    """The backbone's name, with its OOD training method when it has one (``+greg``)."""
+    b = cfg.backbone
+    return b.name + ("" if b.method == "plain" else f"+{b.method}")
+
+
+def load_backbone(cfg: BuildConfig):
+    """(backbone in eval mode, Normalize, checkpoint dict) from ``workdir/backbone.pt``."""
+    ckpt = torch.load(cfg.workdir / "backbone.pt", map_location="cpu", weights_only=False)
+    net, norm = make_backbone(cfg, len(ckpt["class_names"]))
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), norm, ckpt
+
+
+def load_model(cfg: BuildConfig) -> tuple[GatedModel, dict]:
+    """The full GatedModel from the work dir, plus the calibration record (if any)."""
+    net, norm, ckpt = load_backbone(cfg)
+    mem = torch.load(cfg.workdir / "memory.pt", map_location="cpu", weights_only=True)
+    head = make_head(cfg.memory, mem["banks"], mem["mask_bias"])
+    calib_path = cfg.workdir / "calibration.json"
+    calib = json.loads(calib_path.read_text()) if calib_path.exists() else {}
+    return GatedModel(norm, net, head).eval(), {**calib, "ckpt": ckpt}
+
+
+def bundle_meta(cfg: BuildConfig, model: GatedModel, calib: dict) -> BundleMeta:
+    m, ckpt = cfg.memory, calib["ckpt"]
+    return BundleMeta(
+        hopgate_version=__version__, name=cfg.name,
+        model_version=f"{cfg.name}-{ckpt['fingerprint'][:8]}-s{cfg.seed}",
+        height=cfg.data.size[0], width=cfg.data.size[1], channels=cfg.data.channels,
+        resize=cfg.data.resize, mean=model.normalize.mean.flatten().tolist(),
+        std=model.normalize.std.flatten().tolist(), class_names=ckpt["class_names"],
+        backbone=backbone_label(cfg), method=method_of(m), lagrangian=m.lagrangian,
+        power_n=m.power_n if m.lagrangian == "rep_n" else None,
+        beta=m.beta, bank=m.bank, memories_per_class=m.memories, steps=m.steps, top_k=m.top_k,
+        threshold=calib["threshold"], target_tpr=calib["target_tpr"],
+        score_quantiles=calib["score_quantiles"], calibration_size=calib["calibration_size"],
+        data_fingerprint=ckpt["fingerprint"],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

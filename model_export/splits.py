@@ -1,0 +1,95 @@
+"""The images a config names, loaded once per command: ``Sets(cfg)``.
+
+ID data (``data.id``/``data.test``: fashion_mnist, folder:PATH or npz:PATH) is resized to the
+model's input, subset and split exactly as the build has always done (seeded), so every step
+sees the same images; far-OOD sets come from ``data.far_ood_sets``, plus the near-OOD images of
+an open-set work dir (``near_ood.npz``, written by ``openset``) when there are any. Each set is
+loaded on first use and kept, so one command loads each at most once.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from . import data
+from .config import BuildConfig
+
+NEAR_OOD = "near_ood.npz"  # in the work dir: an open-set split's held-out classes
+
+
+def _load(spec: str, split: str, cfg: BuildConfig) -> data.Split:
+    d = cfg.data
+    if spec == "fashion_mnist":
+        s = data.fashion_mnist(split)
+    elif spec.startswith("folder:"):
+        s = data.image_folder(spec[len("folder:"):], d.size, d.channels, d.resize)
+    elif spec.startswith("npz:"):
+        s = data.npz_arrays(spec[len("npz:"):])
+    else:
+        raise ValueError(f"data source {spec!r}: use fashion_mnist, folder:PATH or npz:PATH")
+    return data.Split(data.resize_all(s.images, d.size, d.channels, d.resize), s.labels,
+                      s.class_names)
+
+
+def id_splits(cfg: BuildConfig) -> tuple[data.Split, data.Split]:
+    """(train, holdout): the ID training split and the calibration hold-out, disjoint."""
+    full = _load(cfg.data.id, "train", cfg)
+    if cfg.data.train_subset and cfg.data.train_subset < len(full):
+        idx = np.random.default_rng(cfg.seed).permutation(len(full))[:cfg.data.train_subset]
+        full = full.subset(np.sort(idx))
+    return data.split_holdout(full, cfg.data.holdout_fraction, cfg.seed)
+
+
+def id_test(cfg: BuildConfig) -> data.Split | None:
+    if cfg.data.test is None:
+        return None
+    s = _load(cfg.data.test, "test", cfg)
+    if cfg.data.test_subset and cfg.data.test_subset < len(s):
+        s = s.subset(np.arange(cfg.data.test_subset))
+    return s
+
+
+class Sets:
+    """The ID splits and OOD sets of one config, each loaded on first use and kept."""
+
+    def __init__(self, cfg: BuildConfig):
+        self.cfg = cfg
+
+    @cached_property
+    def _splits(self) -> tuple[data.Split, data.Split]:
+        return id_splits(self.cfg)
+
+    @property
+    def train(self) -> data.Split:
+        return self._splits[0]
+
+    @property
+    def holdout(self) -> data.Split:
+        return self._splits[1]
+
+    @cached_property
+    def test(self) -> data.Split | None:
+        return id_test(self.cfg)
+
+    @cached_property
+    def far_ood(self) -> dict[str, np.ndarray]:
+        c = self.cfg
+        return data.far_ood_sets(c.data.size, c.data.channels, seed=c.seed)
+
+    def ood(self, limit: int | None = None) -> dict[str, np.ndarray]:
+        """Near-OOD (an open-set work dir's held-out classes) then far-OOD, each set cut to
+        ``limit`` images (a seeded random subset, in order) when given."""
+        c = self.cfg
+        sets = dict(self.far_ood)
+        near = c.workdir / NEAR_OOD
+        if near.exists():
+            with np.load(near) as z:
+                sets = {"near: held-out classes": data.resize_all(
+                    z["images"], c.data.size, c.data.channels), **sets}
+        if limit:
+            rng = np.random.default_rng(c.seed)
+            sets = {k: v[np.sort(rng.permutation(len(v))[:limit])] if len(v) > limit else v
+                    for k, v in sets.items()}
+        return sets

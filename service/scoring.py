@@ -1,0 +1,134 @@
+"""The scoring core (data plane) that /score, V2 and the gate all use: decode -> batcher ->
+results. One ``Scorer`` per app, built at startup (lifecycle.py).
+
+  * ``decode_all``: encoded bytes -> uint8 ``[H, W, C]`` arrays, in a thread pool (never on
+    the event loop); a bad image becomes its ``ImageError``, its neighbours go on.
+  * ``run``: queue decoded images in the batcher under the request's deadline; one raw output
+    row per image (the bundle's outputs plus timings) or the ``ServingError`` of that image.
+    A full queue or a shutdown fails the whole request at once (``Unavailable``).
+  * ``result``: a raw row -> ``schema.ImageResult`` (the documented /score result).
+  * ``score``: the three in a row for /score, one ``ImageResult`` per input in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from hopgate import __version__
+
+from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from .config import Settings
+from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
+from .imaging import decode
+from .metrics import Metrics
+from .runtime import Runtime
+from .schema import ErrorInfo, ImageResult, Memory, ModelInfo, Timings
+
+Row = dict[str, Any]  # the bundle's outputs for one image, plus queue_s, compute_s, batch
+
+
+class Scorer:
+    """Decode -> batch -> results."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics, batcher: Batcher):
+        self.settings, self.runtime = settings, runtime
+        self.metrics, self.batcher = metrics, batcher
+        self.meta = runtime.meta
+        self._decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+
+    def model_info(self) -> ModelInfo:
+        m = self.meta
+        return ModelInfo(name=m.name, version=m.model_version, provider=self.runtime.provider,
+                         threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
+                         hopgate_version=__version__)
+
+    async def decode_all(self, blobs: list[bytes]) -> list[np.ndarray | ImageError]:
+        m, loop = self.meta, asyncio.get_running_loop()
+
+        def one(b: bytes) -> np.ndarray | ImageError:
+            try:
+                return decode(b, m.height, m.width, m.channels, m.resize, self.settings.max_pixels)
+            except ImageError as e:
+                return e
+
+        return list(await asyncio.gather(*(loop.run_in_executor(self._decoders, one, b)
+                                           for b in blobs)))
+
+    async def run(self, images: list[np.ndarray], deadline: float) -> list[Row | ServingError]:
+        """Queue decoded images; each entry is the raw output row (+timings) or an error."""
+        if not images:
+            return []
+        retry = self.settings.retry_after_s
+        try:
+            futures = self.batcher.submit(images, deadline)
+        except QueueFull:
+            raise Unavailable(self.settings.reject_status, "queue full, retry later",
+                              "queue_full", retry) from None
+        except ShuttingDown:
+            raise Unavailable(503, "shutting down", "shutdown", retry) from None
+        await asyncio.wait(futures, timeout=max(deadline - time.monotonic(), 0))
+        out: list[Row | ServingError] = []
+        for f in futures:
+            if not f.done():
+                f.cancel()  # the batcher skips it if it has not been taken yet
+                out.append(deadline_exceeded())
+            elif isinstance(f.exception(), DeadlineExceeded):
+                out.append(deadline_exceeded())
+            elif f.exception() is not None:
+                logging.getLogger("hopgate").error("runtime failure: %r", f.exception())
+                out.append(internal_error("internal error while scoring"))
+            else:
+                row, queued, compute, batch = f.result()
+                out.append({**row, "queue_s": queued, "compute_s": compute, "batch": batch})
+        return out
+
+    def result(self, row: Row) -> ImageResult:
+        m = self.meta
+        ood, score = bool(row["is_ood"]), float(row["score"])
+        self.metrics.verdict(ood, score)
+        pred = int(row["pred_class"])
+        memories = [] if ood else [
+            Memory(index=int(i), weight=float(w))
+            for i, w in zip(row["memory_index"], row["memory_weight"]) if i >= 0 and w > 1e-6]
+        label = m.class_names[pred] if pred < len(m.class_names) else str(pred)
+        return ImageResult(
+            ood=ood, score=score, threshold=m.threshold, p_value=m.p_value(score),
+            predicted_class=pred, label=label, memories=memories, energy=float(row["energy"]),
+            baselines={"msp": float(row["msp"]), "energy": float(row["energy_score"])},
+            model_version=m.model_version,
+            timings=Timings(queue_ms=round(row["queue_s"] * 1e3, 3),
+                            compute_ms=round(row["compute_s"] * 1e3, 3),
+                            batch_size=row["batch"]),
+        )
+
+    def failed(self, e: ServingError) -> ImageResult:
+        self.metrics.images.labels("error").inc()
+        return ImageResult(error=ErrorInfo(status=e.status, reason=e.reason, message=e.message))
+
+    async def score(self, blobs: list[bytes | ImageError], deadline: float) -> list[ImageResult]:
+        """One result per input, in order; a bad input fails alone."""
+        todo = [i for i, b in enumerate(blobs) if not isinstance(b, ImageError)]
+        decoded: dict[int, np.ndarray | ImageError] = {
+            i: b for i, b in enumerate(blobs) if isinstance(b, ImageError)}
+        decoded.update(zip(todo, await self.decode_all([b for b in blobs
+                                                        if not isinstance(b, ImageError)])))
+        good = [i for i in range(len(blobs)) if not isinstance(decoded[i], ImageError)]
+        images = [d for i in good if isinstance(d := decoded[i], np.ndarray)]
+        rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline)))
+        results = []
+        for i in range(len(blobs)):
+            r = rows.get(i, decoded[i])
+            if isinstance(r, ServingError):
+                results.append(self.failed(r))
+            elif isinstance(r, dict):
+                results.append(self.result(r))
+        return results
+
+    def close(self) -> None:
+        self._decoders.shutdown(wait=False, cancel_futures=True)
