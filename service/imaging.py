@@ -48,6 +48,14 @@ def sniff(data: bytes) -> str:
     raise ImageError(415, "unsupported image format (accepted: PNG, JPEG, GIF, WebP, BMP, TIFF)")
 
 
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft) when that still leaves at least
+# this many pixels per model pixel; the shared resize (hopgate.pixels.fit) does the rest.
+# Measured on 1,000 Fashion-MNIST test images sent as 224 px JPEG q90 to the 28 px default
+# model: decode 529 -> 296 us, accepted share and accuracy unchanged within 0.002 (margin 4);
+# a margin of 1 (decode straight to 28 px) costs 0.7 points of accepted share.
+DRAFT_MARGIN = 4
+
+
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth: scale, don't clip
         a = np.asarray(img, dtype=np.float64)
@@ -72,6 +80,9 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
                 raise ImageError(413, f"image has {opened.width}x{opened.height} pixels; the "
                                       f"limit is {max_pixels}")
             opened.seek(0)  # animated: the first frame
+            if fmt == "JPEG":  # DCT-domain downscale, kept at >= DRAFT_MARGIN x the model size
+                side = DRAFT_MARGIN * max(height, width)
+                opened.draft(None, (side, side))
             opened.load()
             img = _to_mode(ImageOps.exif_transpose(opened), channels)
     except ImageError:
