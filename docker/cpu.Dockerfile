@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HOPGATE_HOST=0.0.0.0 HOPGATE_PORT=8000 HOPGATE_MODEL=/opt/hopgate/models/default.onnx
 
 WORKDIR /opt/hopgate
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt constraints-cpu.txt ./
 COPY hopgate/ hopgate/
 COPY service/ service/
 # the export half installs as source only; its torch extra is not installed
@@ -19,10 +19,10 @@ COPY models/default.onnx models/default.onnx
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 # a venv works on python:3.11-slim and on a plain Debian base alike (PEP 668);
-# the project's dependencies are ranged in pyproject.toml
+# every dependency pinned: constraints.txt + the runtime's constraints-cpu.txt
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv \
-    && python -m pip install --no-cache-dir ".[serve,cpu]" \
+    && python -m pip install --no-cache-dir -c constraints.txt -c constraints-cpu.txt ".[serve,cpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
 USER 10001

@@ -14,7 +14,7 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/hopgate
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt constraints-gpu.txt ./
 COPY hopgate/ hopgate/
 COPY service/ service/
 # the export half installs as source only; its torch extra is not installed
@@ -24,9 +24,9 @@ COPY models/default.onnx models/default.onnx
 # does for the CPU image); unset, pip uses its index. Not kept in the image.
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
-# the project itself (its dependencies are ranged in pyproject.toml)
+# the project itself, every dependency pinned: constraints.txt + constraints-gpu.txt
 # hadolint ignore=DL3013
-RUN python -m pip install --no-cache-dir ".[serve,gpu]" \
+RUN python -m pip install --no-cache-dir -c constraints.txt -c constraints-gpu.txt ".[serve,gpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
 USER 10001

@@ -1,8 +1,12 @@
 """``create_app``: the FastAPI app, wired. Nothing here scores or parses.
 
   * lifespan and readiness: lifecycle.py (the core is built at startup);
-  * the envelope middleware: request id, API key (constant-time compare; health, metrics and
-    the docs are exempt), ``Connection: close`` while draining, request metrics, JSON access log;
+  * the envelope middleware: request id (the client's ``X-Request-ID`` when it is 1-128
+    printable ASCII characters, else a fresh one), API key (``X-API-Key`` or ``Authorization:
+    Bearer``, the scheme case-insensitive; constant-time compare; only health and metrics are
+    exempt), ``Connection: close`` while draining, request metrics, JSON access log; an
+    exception that escapes a route is answered 500 ``internal``, counted and logged with its
+    traceback and request id (never its message: it may hold paths or object reprs);
   * errors: one body shape, FastAPI's own included (errors.install_handlers);
   * routes: /score (routes_score.py), health/readiness/metrics (routes_ops.py), V2 (v2.py).
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,18 +28,28 @@ from hopgate import __version__
 
 from . import routes_ops, routes_score, v2
 from .config import Settings
-from .errors import V2_PREFIX, ClientError, error_response, install_handlers
+from .errors import V2_PREFIX, ClientError, error_response, install_handlers, internal_error
 from .imaging import set_pillow_limit
 from .lifecycle import init_state, lifespan
 
 log = logging.getLogger("hopgate.access")
 EXEMPT = (*routes_ops.PATHS, *v2.HEALTH_PATHS)
-DOCS = ("/docs", "/openapi.json")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, at most 128
 
 
 def _given_key(request: Request) -> str:
-    return request.headers.get("x-api-key") or request.headers.get(
-        "authorization", "").removeprefix("Bearer ").strip()
+    """``X-API-Key``, else the token of ``Authorization: Bearer <token>`` (any case of
+    "Bearer"; a bare token without the scheme is no key)."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _counted(path: str) -> bool:
@@ -53,19 +68,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def envelope(request: Request,
                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = _request_id(request)
         app.state.last_request = time.monotonic()
         request.state.request_id, request.state.reason, request.state.images = rid, None, 0
         t0 = time.perf_counter()
         path = request.url.path
-        if (api_key and not path.startswith(EXEMPT) and path not in DOCS
+        v2_path = path.startswith(V2_PREFIX)
+        if (api_key and not path.startswith(EXEMPT)
                 and not hmac.compare_digest(_given_key(request).encode(), api_key.encode())):
             request.state.reason = "unauthorized"
             response: Response = error_response(
-                ClientError(401, "missing or wrong API key", "unauthorized"),
-                v2=path.startswith(V2_PREFIX))
+                ClientError(401, "missing or wrong API key", "unauthorized"), v2=v2_path)
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug, not the client: counted, logged whole, answered plainly
+                logging.getLogger("hopgate").error(
+                    "unhandled error", exc_info=True, extra={"request_id": rid, "path": path})
+                request.state.reason = "internal"
+                response = error_response(internal_error(), v2=v2_path)
         elapsed = time.perf_counter() - t0
         response.headers["x-request-id"] = rid
         if app.state.draining:  # no keep-alive reuse of a connection that is about to close

@@ -1,8 +1,9 @@
 """``hopgate-serve``: start the service (settings: environment HOPGATE_*, then these flags).
 
-SIGTERM/SIGINT: /readyz fails at once, new work is refused (503, reason ``shutdown``), what
-was accepted is finished (at most ``drain_seconds``), then uvicorn exits. A second signal
-exits at once.
+SIGTERM/SIGINT: /readyz fails at once, new work is refused (503, reason ``shutdown``), every
+request admitted before the signal (reading its body, decoding, queued or computing:
+admission.py) is answered normally (at most ``drain_seconds``), then uvicorn exits 0. A second
+signal exits at once. Connection limits and timeouts come from transport.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from hopgate.bundle import BundleError, load_meta
+from hopgate.bundle import BundleError
 
 from .app import create_app
 from .config import Settings
+from .runtime import check_bundle
+from .transport import return_freed_memory, uvicorn_options
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,6 +38,11 @@ class JsonFormatter(logging.Formatter):
                 doc["message"] = msg
         else:
             doc["message"] = msg
+        for key in ("request_id", "path"):  # set with logging's extra= (app.py's 500s)
+            if key in record.__dict__:
+                doc[key] = record.__dict__[key]
+        if record.exc_info:  # the traceback of an unhandled error, in the same JSON line
+            doc["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
@@ -59,15 +67,20 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
         state, t0 = self.hopgate_app.state, time.monotonic()
+        admission = getattr(state, "admission", None)
+        if admission is not None:  # every request admitted before the signal gets its answer
+            await admission.drain(self.drain_seconds)
         batcher = getattr(state, "batcher", None)
         if batcher is not None:
-            await batcher.drain(self.drain_seconds)
+            await batcher.drain(max(self.drain_seconds - (time.monotonic() - t0), 0.0))
         # keep listening (and answering 503 "shutdown", Connection: close) until clients have
         # gone quiet, so no request is cut off by the listener closing under it
         while (time.monotonic() - getattr(state, "last_request", 0.0) < self.quiet
                and time.monotonic() - t0 < self.drain_seconds):
             await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
+        # drained: exit 0 (uvicorn would re-raise the signal after shutdown, dying by it)
+        self._captured_signals.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,17 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
 
     try:
-        load_meta(settings.model)  # a clear refusal before anything starts
+        check_bundle(settings.model)  # metadata vs graph: one clear refusal, no traceback
     except BundleError as e:
         print(f"hopgate-serve: {e}", file=sys.stderr)
         return 2
+    return_freed_memory()  # RSS falls back after a burst of big bodies or images
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 1)
+                            access_log=False, **uvicorn_options(settings))
     server = DrainingServer(config, app, settings.drain_seconds, settings.drain_quiet_seconds)
     server.run()
-    return 0
+    return 0 if server.started else 3  # 3: startup failed (uvicorn's code for it)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     max_images: int = Field(64, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)  # per image, before decoding (bomb guard)
 
+    # bounded resources (docs/serving.md, "Bounded resources")
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0)  # request bodies, all requests
+    decode_queue_images: int = Field(64, ge=1)  # images waiting for or in decoding
+    decode_memory_bytes: int = Field(256 * 1024 * 1024, gt=0)  # estimated, all decodes at once
+    max_connections: int = Field(256, ge=1)  # open connections + tasks (uvicorn 503s beyond)
+    keepalive_timeout_s: int = Field(5, ge=1)  # an idle keep-alive connection is closed
+    header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers (h11)
+
     # operations
     api_key: str | None = None
     api_key_file: Path | None = None
@@ -46,7 +55,8 @@ class Settings(BaseSettings):
 
     # gatekeeper mode (service/gate.py): forward ID images to this upstream classifier
     upstream_url: str | None = None
-    upstream_timeout_s: float = Field(5.0, gt=0)
+    upstream_timeout_s: float = Field(5.0, gt=0)  # the whole call: connect, send, read
+    upstream_max_body_bytes: int = Field(1024 * 1024, gt=0)  # larger answers get the policy
     upstream_policy: str = "fail_closed"  # fail_open | fail_closed
     gate_ood_status: int = Field(422, ge=200, le=599)
     gate_ood_body: str = ""  # JSON object merged into OOD answers
@@ -64,6 +74,12 @@ class Settings(BaseSettings):
         if not v or any(b <= 0 for b in v):
             raise ValueError("buckets must be positive batch sizes")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> Settings:
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_bytes must be at least max_body_bytes")
+        return self
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_file is not None:

@@ -5,9 +5,13 @@ With ``HOPGATE_UPSTREAM_URL`` set, /score scores every image as usual, then:
     passed through) to the upstream, and its answer is returned beside hopgate's verdict;
   * an OOD image never reaches the upstream: it is answered at once with the verdict,
     with ``HOPGATE_GATE_OOD_STATUS`` (default 422) and ``HOPGATE_GATE_OOD_BODY`` merged in;
-  * an upstream that is down, errors or exceeds ``HOPGATE_UPSTREAM_TIMEOUT_S`` gets the
-    policy: ``fail_closed`` answers 502 (down) / 504 (slow) and forwards nothing;
-    ``fail_open`` answers 200 with hopgate's verdict and the upstream's error noted.
+  * an upstream that is down, answers 5xx, answers more than
+    ``HOPGATE_UPSTREAM_MAX_BODY_BYTES`` or takes longer than ``HOPGATE_UPSTREAM_TIMEOUT_S``
+    (the whole call) gets the policy: ``fail_closed`` answers 502 (down, 5xx, too big) / 504
+    (slow); ``fail_open`` answers 200 with hopgate's verdict and the upstream's error noted.
+  * forwarded headers are sanitised: the content type is ``image/<subtype>`` as sent (without
+    parameters) or ``application/octet-stream``; ``traceparent`` goes on only in its W3C
+    form, ``tracestate`` only as printable ASCII of at most 512 characters.
 A single-image request takes the status of its outcome; a multi-image request answers 200
 with ``upstream`` (or ``held_back``) per result (schema.ImageResult).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,15 +33,40 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from .metrics import LATENCY_BUCKETS
 from .schema import ErrorInfo, ScoreResponse, UpstreamAnswer
 
-TRACE_HEADERS = ("traceparent", "tracestate")
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[\x21-\x7e]*)?")
+TRACESTATE = re.compile(r"[\x20-\x7e]{1,512}")
+IMAGE_TYPE = re.compile(r"image/[A-Za-z0-9][A-Za-z0-9.+-]{0,62}")
+
+
+class UpstreamTooBig(Exception):
+    pass
+
+
+def forwarded_headers(request: Request) -> dict[str, str]:
+    """The trace headers that go on, only where well-formed (never non-ASCII bytes)."""
+    out = {}
+    tp, ts = request.headers.get("traceparent"), request.headers.get("tracestate")
+    if tp is not None and TRACEPARENT.fullmatch(tp.strip()):
+        out["traceparent"] = tp.strip()
+        if ts is not None and TRACESTATE.fullmatch(ts.strip()):
+            out["tracestate"] = ts.strip()
+    return out
+
+
+def forwarded_type(request: Request) -> str:
+    """``image/<subtype>`` as the client sent it (a raw image body), else octet-stream:
+    multipart and JSON items go on as raw image bytes."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype if IMAGE_TYPE.fullmatch(ctype) else "application/octet-stream"
 
 
 class Gate:
     def __init__(self, url: str, timeout_s: float, policy: str, ood_status: int, ood_body: str,
-                 registry: CollectorRegistry):
+                 registry: CollectorRegistry, max_body_bytes: int = 1024 * 1024):
         if policy not in ("fail_open", "fail_closed"):
             raise ValueError("upstream policy must be fail_open or fail_closed")
         self.url, self.policy, self.ood_status = url, policy, ood_status
+        self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
         self.ood_extra: dict[str, Any] = json.loads(ood_body) if ood_body else {}
         self.client = httpx.AsyncClient(timeout=timeout_s)
         self.calls = Counter("hopgate_upstream_calls", "Calls to the upstream by outcome",
@@ -48,35 +78,55 @@ class Gate:
         self.held_back = Counter("hopgate_upstream_held_back", "OOD images never forwarded",
                                  registry=registry)
 
+    async def _post(self, blob: bytes, ctype: str,
+                    headers: dict[str, str]) -> tuple[httpx.Response, bytes]:
+        """The upstream's answer and its body, read up to ``max_body_bytes``."""
+        async with self.client.stream("POST", self.url, content=blob,
+                                      headers={**headers, "content-type": ctype}) as r:
+            length = r.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                raise UpstreamTooBig
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise UpstreamTooBig
+                chunks.append(chunk)
+            return r, b"".join(chunks)
+
+    def _failed(self, kind: str, message: str, status: int) -> UpstreamAnswer:
+        self.errors.labels(kind).inc()
+        self.calls.labels("error").inc()
+        return UpstreamAnswer(error=message, status=status)
+
     async def forward(self, blob: bytes, ctype: str, headers: dict[str, str]) -> UpstreamAnswer:
         t0 = time.perf_counter()
         try:
-            r = await self.client.post(self.url, content=blob,
-                                       headers={"content-type": ctype, **headers})
-        except httpx.TimeoutException:
-            self.errors.labels("timeout").inc()
-            self.calls.labels("error").inc()
-            return UpstreamAnswer(error="upstream timed out", status=504)
+            r, raw = await asyncio.wait_for(self._post(blob, ctype, headers), self.timeout_s)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
+            return self._failed("timeout", "upstream timed out", 504)
+        except UpstreamTooBig:
+            return self._failed("too_big", f"upstream answer over {self.max_body_bytes} bytes",
+                                502)
         except httpx.HTTPError as e:
-            self.errors.labels("unreachable").inc()
-            self.calls.labels("error").inc()
-            return UpstreamAnswer(error=f"upstream unreachable: {type(e).__name__}", status=502)
+            return self._failed("unreachable", f"upstream unreachable: {type(e).__name__}", 502)
         finally:
             self.latency.observe(time.perf_counter() - t0)
-        self.calls.labels("ok" if r.status_code < 500 else "error").inc()
-        if r.status_code >= 500:
-            self.errors.labels("status").inc()
+        if r.status_code >= 500:  # the policy applies: the upstream could not classify it
+            return self._failed("status", f"upstream answered {r.status_code}", 502)
+        self.calls.labels("ok").inc()
         body: Any
         try:
-            body = r.json()
-        except ValueError:
-            body = r.text
+            body = json.loads(raw)
+        except ValueError:  # also UnicodeDecodeError; RecursionError below
+            body = raw.decode("utf-8", "replace")
+        except RecursionError:
+            body = raw.decode("utf-8", "replace")
         return UpstreamAnswer(status=r.status_code, body=body)
 
     async def __call__(self, request: Request, response: ScoreResponse,
                        blobs: Sequence[bytes | Exception]) -> JSONResponse:
-        headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
-        ctype = request.headers.get("content-type", "application/octet-stream")
+        headers, item_type = forwarded_headers(request), forwarded_type(request)
         results = response.results
         jobs = {}
         for i, r in enumerate(results):
@@ -87,8 +137,6 @@ class Gate:
                 self.held_back.inc()
                 r.held_back = True
             else:
-                # multipart / JSON items are forwarded as raw image bytes
-                item_type = ctype if ctype.startswith("image/") else "application/octet-stream"
                 jobs[i] = self.forward(blob, item_type, headers)
         for i, answer in zip(jobs, await asyncio.gather(*jobs.values())):
             results[i].upstream = answer

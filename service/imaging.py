@@ -4,7 +4,8 @@ Every failure is an ``ImageError`` carrying the HTTP status and a metrics reason
 image fails alone. The policy (also in docs/serving.md):
 
   * formats by magic bytes: PNG, JPEG, GIF, WebP, BMP, TIFF; anything else -> 415
-  * empty input -> 400; undecodable or truncated -> 422
+  * empty input -> 400; undecodable, truncated or anything Pillow raises on it -> 422 (the
+    message never carries object reprs or paths)
   * more than ``max_pixels`` pixels (checked from the header, before decoding) -> 413
   * animated images: the first frame is scored
   * EXIF orientation applied; 16-bit, palette, CMYK, alpha converted to L or RGB
@@ -14,7 +15,9 @@ image fails alone. The policy (also in docs/serving.md):
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,15 +59,40 @@ def sniff(data: bytes) -> str:
 DRAFT_MARGIN = 4
 
 
+STRIP_PIXELS = 1 << 20  # high-bit-depth and alpha images are converted this many pixels at a time
+
+
+def _by_strips(img: Image.Image, bands: int, convert: Callable[[Image.Image], np.ndarray]
+               ) -> Image.Image:
+    """``convert`` applied to horizontal strips into one uint8 image: the only full-size
+    arrays are the decoded image and the 8-bit result (no full-size float64 or RGBA copies;
+    decode memory per pixel is the mode's own bytes plus ``bands``)."""
+    w, h = img.size
+    out = np.empty((h, w, bands) if bands > 1 else (h, w), np.uint8)
+    step = max(1, STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, step):
+        out[y:y + step] = convert(img.crop((0, y, w, min(h, y + step))))
+    return Image.fromarray(out, "RGB" if bands == 3 else "L")
+
+
+def _on_black(strip: Image.Image) -> np.ndarray:
+    a = np.asarray(strip.convert("RGBA"), dtype=np.uint16)  # transparent -> black, like the data
+    return ((a[..., :3] * a[..., 3:] + 127) // 255).astype(np.uint8)
+
+
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth: scale, don't clip
-        a = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+        hi = img.getextrema()[1]  # one band: (low, high)
+        assert isinstance(hi, (int, float))
+        scale = np.float32(255.0 / (65535.0 if img.mode.startswith("I;16") or hi > 255 else 255))
+        img = _by_strips(img, 1, lambda s: np.clip(
+            np.asarray(s, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent -> black, like the data
-        img = Image.alpha_composite(bg, img)
+        if channels == 1:  # straight to grey, strip by strip, with Pillow's own RGB -> L
+            img = _by_strips(img, 1, lambda s: np.asarray(
+                Image.fromarray(_on_black(s)).convert("L")))
+        else:
+            img = _by_strips(img, 3, _on_black)
     return img.convert("L" if channels == 1 else "RGB")
 
 
@@ -89,9 +117,23 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(413, f"decompression bomb refused: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(422, f"cannot decode {fmt} image: {e}") from None
+    except UnidentifiedImageError:  # its message is "cannot identify image file <BytesIO ...>"
+        raise ImageError(422, f"cannot decode {fmt} image: not a readable {fmt} file") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow on hostile bytes: OSError, ValueError, TypeError, ...
+        raise ImageError(422, f"cannot decode {fmt} image: {_clean(e)}") from None
     return fit(img, height, width, resize)
+
+
+_REPR = re.compile(r"<[^<>]{0,200} at 0x[0-9a-fA-F]+>")
+_PATH = re.compile(r"(?<![\w/])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def _clean(e: Exception) -> str:
+    """An exception's message for the client: no object reprs, no file paths, bounded."""
+    text = _PATH.sub("<path>", _REPR.sub("<object>", str(e)))[:200]
+    return text or type(e).__name__
 
 
 def set_pillow_limit(max_pixels: int) -> None:

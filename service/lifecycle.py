@@ -4,9 +4,10 @@ Startup (``lifespan``): load the bundle into the runtime, warm every bucket, sta
 batcher, build the ``Scorer`` (and the ``Gate`` in gatekeeper mode), then mark the app ready.
 Shutdown: not ready, drain the batcher (at most ``drain_seconds``), close.
 
-What lives on ``app.state`` (cli.py's drain reads ``draining``, ``batcher``, ``last_request``):
-``settings``, ``ready``, ``draining``, ``metrics``, ``batcher``, ``scorer``, ``gate``
-(None unless ``upstream_url`` is set), ``last_request``.
+What lives on ``app.state`` (cli.py's drain reads ``draining``, ``admission``, ``batcher``,
+``last_request``): ``settings``, ``ready``, ``draining``, ``admission`` (admission.py),
+``metrics``, ``batcher``, ``scorer``, ``gate`` (None unless ``upstream_url`` is set),
+``last_request``.
 
 Readiness is decided here once: ``is_ready`` for the probes, ``require_ready`` for the
 routes that score (503, reason ``shutdown`` while draining, ``internal`` before startup).
@@ -23,6 +24,7 @@ from starlette.datastructures import State
 
 from hopgate import __version__
 
+from .admission import Admission
 from .batcher import Batcher
 from .config import Settings
 from .errors import Unavailable
@@ -33,9 +35,11 @@ from .scoring import Scorer
 
 
 def init_state(app: FastAPI, settings: Settings) -> None:
-    """The state before startup: not ready, not draining, no core yet."""
+    """The state before startup: not ready, not draining, no core yet; and the admission
+    middleware (admission.py: bytes in flight, who is let in while draining)."""
     app.state.settings, app.state.ready, app.state.draining = settings, False, False
     app.state.gate = None
+    app.add_middleware(Admission, app_state=app.state, settings=settings)
 
 
 def is_ready(state: State) -> bool:
@@ -43,9 +47,11 @@ def is_ready(state: State) -> bool:
 
 
 def require_ready(request: Request) -> None:
-    """Raise 503 unless the app takes new work."""
+    """Raise 503 unless the app takes new work, or took this request before draining began
+    (admission.py marks it ``admitted``: it is answered normally)."""
     state = request.app.state
-    if not is_ready(state):
+    admitted = bool(getattr(request.state, "admitted", False))
+    if not (is_ready(state) or (state.ready and admitted)):
         draining = bool(state.draining)
         raise Unavailable(503, "shutting down" if draining else "not ready",
                           "shutdown" if draining else "internal", state.settings.retry_after_s)
@@ -74,7 +80,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.upstream_url:
         app.state.gate = Gate(settings.upstream_url, settings.upstream_timeout_s,
                               settings.upstream_policy, settings.gate_ood_status,
-                              settings.gate_ood_body, metrics.registry)
+                              settings.gate_ood_body, metrics.registry,
+                              settings.upstream_max_body_bytes)
     app.state.ready, app.state.draining = True, False
     logging.getLogger("hopgate").info("ready: %s on %s", m.model_version, runtime.provider)
     yield

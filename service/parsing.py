@@ -7,12 +7,14 @@ an ``ImageError`` in its slot of the returned list (that image fails alone).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import time
 
 from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .config import Settings
 from .errors import ClientError, ImageError
@@ -57,10 +59,11 @@ async def split_images(request: Request, settings: Settings) -> list[bytes | Ima
     blobs: list[bytes | ImageError]
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         blobs = [body]
-    elif ctype == "multipart/form-data":
-        blobs = list(await _multipart(request, body, settings))
+    elif ctype == "multipart/form-data":  # parsed off the event loop: /healthz never stalls
+        blobs = list(await asyncio.to_thread(
+            _multipart, body, request.headers.get("content-type", ""), settings))
     elif ctype == "application/json":
-        blobs = _json_base64(body)
+        blobs = await asyncio.to_thread(_json_base64, body, settings.max_images)
     else:
         raise ClientError(415, f"unsupported content type {ctype or '(none)'}: use image/*, "
                                "multipart/form-data or application/json")
@@ -70,25 +73,77 @@ async def split_images(request: Request, settings: Settings) -> list[bytes | Ima
     return blobs
 
 
-async def _multipart(request: Request, body: bytes, settings: Settings) -> list[bytes]:
-    request._body = body  # let Starlette's form parser read what we already read
+def _multipart(body: bytes, content_type: str, settings: Settings) -> list[bytes]:
+    """The ``images`` parts of a multipart body, parsed in memory (no temporary files; the
+    body is already bounded by ``max_body_bytes``). Runs off the event loop."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ClientError(400, "bad multipart body: no boundary in Content-Type")
+    parts: list[bytes] = []
+    count = 0
+    name, field, header, data = b"", b"", b"", bytearray()
+
+    def on_part_begin() -> None:
+        nonlocal name, data
+        name, data = b"", bytearray()
+
+    def on_header_field(b: bytes, start: int, end: int) -> None:
+        nonlocal field
+        field += b[start:end]
+
+    def on_header_value(b: bytes, start: int, end: int) -> None:
+        nonlocal header
+        header += b[start:end]
+
+    def on_header_end() -> None:
+        nonlocal name, field, header
+        if field.lower() == b"content-disposition":
+            name = parse_options_header(header)[1].get(b"name", b"")
+        field, header = b"", b""
+
+    def on_part_data(b: bytes, start: int, end: int) -> None:
+        if name == b"images":
+            data.extend(b[start:end])
+
+    def on_part_end() -> None:
+        nonlocal count
+        count += 1
+        if count > settings.max_images + 16:
+            raise ClientError(413, f"multipart body has more than {settings.max_images} parts")
+        if name == b"images":
+            parts.append(bytes(data))
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data, "on_part_end": on_part_end}
     try:
-        form = await request.form(max_files=settings.max_images + 1,
-                                  max_part_size=settings.max_body_bytes)
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except ClientError:
+        raise
     except Exception as e:
-        raise ClientError(413 if "Too many" in str(e) else 400,
-                          f"bad multipart body: {e}") from None
-    parts = form.getlist("images")
+        raise ClientError(400, f"bad multipart body: {type(e).__name__}") from None
     if not parts:
         raise ClientError(400, "multipart body has no file parts named 'images'")
-    return [await p.read() if not isinstance(p, str) else p.encode() for p in parts]
+    return parts
 
 
-def _json_base64(body: bytes) -> list[bytes | ImageError]:
+def _json_base64(body: bytes, max_images: int) -> list[bytes | ImageError]:
+    """Runs off the event loop. json.loads holds the GIL for the whole document, so a body of
+    millions of tiny values would still stall the loop: a document with more separators than
+    ``{"images": [...]}`` of ``max_images`` items can have is refused before it is parsed."""
+    separators = body.count(b",") + body.count(b":")
+    if separators > 3 * max_images + 64:  # a data: URL item has one ":" and two ","
+        raise ClientError(400, 'JSON body must be {"images": ["<base64>", ...]}: it has '
+                               f"{separators} separators, more than {max_images} images need")
     try:
         doc = json.loads(body)
     except ValueError as e:
         raise ClientError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
     items = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
         raise ClientError(400, 'JSON body must be {"images": ["<base64>", ...]} with at least '

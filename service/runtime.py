@@ -1,9 +1,11 @@
-"""onnxruntime session for one bundle: provider choice (CUDA, then CPU), bucket padding, warm-up."""
+"""onnxruntime session for one bundle: provider choice (CUDA, then CPU), the graph checked
+against the bundle's metadata, bucket padding, warm-up."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,13 +42,7 @@ class Runtime:
         except Exception as e:
             raise BundleError(f"{self.path}: onnxruntime cannot load it: {e}") from None
         self.provider = self.session.get_providers()[0]
-        names = {i.name for i in self.session.get_inputs()}
-        if INPUT_IMAGES not in names:
-            raise BundleError(f"{self.path}: graph has no '{INPUT_IMAGES}' input")
-        missing = set(OUTPUTS) - {o.name for o in self.session.get_outputs()}
-        if missing:
-            raise BundleError(f"{self.path}: graph lacks outputs {sorted(missing)}")
-        self.has_log_lambda = INPUT_LOG_LAMBDA in names
+        self.has_log_lambda = check_graph(self.session, self.meta, self.path)
         m = self.meta
         self.shape = (m.height, m.width, m.channels)
         log.info("loaded %s (%s) on %s (available: %s)", self.path.name, m.model_version,
@@ -68,4 +64,53 @@ class Runtime:
     def warm(self, buckets: list[int]) -> None:
         """One run per bucket so the first real request of each size pays no set-up."""
         for b in buckets:
-            self.run(np.zeros((b, *self.shape), dtype=np.uint8))
+            try:
+                self.run(np.zeros((b, *self.shape), dtype=np.uint8))
+            except Exception as e:  # onnxruntime's own error: the graph, not the request
+                raise BundleError(f"{self.path}: the graph fails on a batch of {b} blank "
+                                  f"images: {str(e).splitlines()[0][:300]}") from None
+
+
+def check_graph(session: Any, meta: BundleMeta, path: Path) -> bool:
+    """The graph's I/O against the bundle's metadata (``BundleError`` naming the first
+    disagreement); whether it has the optional ``log_lambda`` input."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    if INPUT_IMAGES not in inputs:
+        raise BundleError(f"{path}: graph has no '{INPUT_IMAGES}' input")
+    missing = set(OUTPUTS) - {o.name for o in session.get_outputs()}
+    if missing:
+        raise BundleError(f"{path}: graph lacks outputs {sorted(missing)}")
+    images = inputs[INPUT_IMAGES]
+    if images.type != "tensor(uint8)":
+        raise BundleError(f"{path}: graph input '{INPUT_IMAGES}' is {images.type}, "
+                          "not tensor(uint8)")
+    shape = list(images.shape)
+    if len(shape) != 4:
+        raise BundleError(f"{path}: graph input '{INPUT_IMAGES}' has shape {shape}, not "
+                          "[batch, height, width, channels]")
+    for axis, dim, want in zip(("height", "width", "channels"), shape[1:],
+                               (meta.height, meta.width, meta.channels)):
+        if isinstance(dim, int) and dim != want:  # a symbolic dimension takes any size
+            raise BundleError(f"{path}: metadata says {axis} {want} but the graph's "
+                              f"'{INPUT_IMAGES}' input is {shape} ({axis} {dim})")
+    return INPUT_LOG_LAMBDA in inputs
+
+
+def check_bundle(path: str | Path) -> BundleMeta:
+    """Metadata and graph agree, checked without the cost of a serving session (no graph
+    optimisation, CPU): ``hopgate-serve`` calls it before it starts, to refuse a bad bundle
+    with one clear message."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    meta = load_meta(path)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise BundleError(f"{path}: onnxruntime cannot load it: "
+                          f"{str(e).splitlines()[0][:300]}") from None
+    check_graph(session, meta, path)
+    return meta

@@ -1,8 +1,9 @@
 """The scoring core (data plane) that /score, V2 and the gate all use: decode -> batcher ->
 results. One ``Scorer`` per app, built at startup (lifecycle.py).
 
-  * ``decode_all``: encoded bytes -> uint8 ``[H, W, C]`` arrays, in a thread pool (never on
-    the event loop); a bad image becomes its ``ImageError``, its neighbours go on.
+  * ``decode_all``: encoded bytes -> uint8 ``[H, W, C]`` arrays, admitted before decoding and
+    decoded in a thread pool under the request's deadline (decoding.py); a bad or late image
+    becomes its own error, its neighbours go on.
   * ``run``: queue decoded images in the batcher under the request's deadline; one raw output
     row per image (the bundle's outputs plus timings) or the ``ServingError`` of that image.
     A full queue or a shutdown fails the whole request at once (``Unavailable``).
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,8 @@ from hopgate import __version__
 
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import Settings
+from .decoding import DecodePool, decode_cost
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
-from .imaging import decode
 from .metrics import Metrics
 from .runtime import Runtime
 from .schema import ErrorInfo, ImageResult, Memory, ModelInfo, Timings
@@ -40,7 +40,8 @@ class Scorer:
         self.settings, self.runtime = settings, runtime
         self.metrics, self.batcher = metrics, batcher
         self.meta = runtime.meta
-        self._decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        m = runtime.meta
+        self.decoder = DecodePool(settings, m.height, m.width, m.channels, m.resize)
 
     def model_info(self) -> ModelInfo:
         m = self.meta
@@ -48,17 +49,31 @@ class Scorer:
                          threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
                          hopgate_version=__version__)
 
-    async def decode_all(self, blobs: list[bytes]) -> list[np.ndarray | ImageError]:
-        m, loop = self.meta, asyncio.get_running_loop()
-
-        def one(b: bytes) -> np.ndarray | ImageError:
-            try:
-                return decode(b, m.height, m.width, m.channels, m.resize, self.settings.max_pixels)
-            except ImageError as e:
-                return e
-
-        return list(await asyncio.gather(*(loop.run_in_executor(self._decoders, one, b)
-                                           for b in blobs)))
+    async def decode_all(self, blobs: list[bytes], deadline: float | None = None
+                         ) -> list[np.ndarray | ServingError]:
+        """Decode under decoding.DecodePool's bounds. Admission comes first, before any pixel
+        is decoded: the batcher's queue must have room for the images and the decode queue
+        must take them (else ``Unavailable``, the whole request). Each entry is the image or
+        its own error (``ImageError``, or 504 ``deadline`` when it was not decoded in time;
+        ``deadline`` defaults to the server's)."""
+        if not blobs:
+            return []
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.deadline_ms / 1000.0
+        b = self.batcher
+        if len(b.queue) + len(blobs) > b.capacity:
+            raise Unavailable(self.settings.reject_status, "queue full, retry later",
+                              "queue_full", self.settings.retry_after_s)
+        self.decoder.admit(len(blobs))
+        m = self.meta
+        try:
+            costs = await asyncio.to_thread(
+                lambda: [decode_cost(x, m.height, m.width, m.channels) for x in blobs])
+        except BaseException:
+            self.decoder.pending -= len(blobs)
+            raise
+        return list(await asyncio.gather(*(self.decoder.one(x, c, deadline)
+                                           for x, c in zip(blobs, costs))))
 
     async def run(self, images: list[np.ndarray], deadline: float) -> list[Row | ServingError]:
         """Queue decoded images; each entry is the raw output row (+timings) or an error."""
@@ -114,11 +129,11 @@ class Scorer:
     async def score(self, blobs: list[bytes | ImageError], deadline: float) -> list[ImageResult]:
         """One result per input, in order; a bad input fails alone."""
         todo = [i for i, b in enumerate(blobs) if not isinstance(b, ImageError)]
-        decoded: dict[int, np.ndarray | ImageError] = {
+        decoded: dict[int, np.ndarray | ServingError] = {
             i: b for i, b in enumerate(blobs) if isinstance(b, ImageError)}
         decoded.update(zip(todo, await self.decode_all([b for b in blobs
-                                                        if not isinstance(b, ImageError)])))
-        good = [i for i in range(len(blobs)) if not isinstance(decoded[i], ImageError)]
+                                                    if not isinstance(b, ImageError)], deadline)))
+        good = [i for i in range(len(blobs)) if isinstance(decoded[i], np.ndarray)]
         images = [d for i in good if isinstance(d := decoded[i], np.ndarray)]
         rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline)))
         results = []
@@ -131,4 +146,4 @@ class Scorer:
         return results
 
     def close(self) -> None:
-        self._decoders.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()

@@ -20,6 +20,7 @@ UPSTREAM = textwrap.dedent('''
     import sys, time, json
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     calls, traces, delay = [0], [], float(sys.argv[2])
+    status, size = int(sys.argv[3]), int(sys.argv[4])
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a): pass
         def _send(self, code, doc):
@@ -32,16 +33,20 @@ UPSTREAM = textwrap.dedent('''
             n = int(self.headers["content-length"]); self.rfile.read(n)
             calls[0] += 1; traces.append(self.headers.get("traceparent"))
             time.sleep(delay)
-            self._send(200, {"label": "sneaker", "bytes": n})
+            if size:
+                self.send_response(200); self.end_headers()  # no length: read to the close
+                self.wfile.write(b"x" * size); return
+            self._send(status, {"label": "sneaker", "bytes": n})
     ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ''')
 
 
 class Upstream:
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, status: int = 200, size: int = 0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(self.port), str(delay)])
+        self.proc = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(self.port), str(delay),
+                                      str(status), str(size)])
         for _ in range(100):
             try:
                 httpx.get(self.url, timeout=0.5)
@@ -144,5 +149,36 @@ def test_slow_upstream_gets_the_timeout(tmp_path, images):
             took = time.monotonic() - t0
         assert r.status_code == 504 and r.json()["error"]["reason"] == "upstream"
         assert took < 2.5
+    finally:
+        up.stop()
+
+
+@pytest.mark.parametrize("policy,status", [("fail_closed", 502), ("fail_open", 200)])
+@pytest.mark.parametrize("upstream", [{"status": 503}, {"size": 5_000_000}])
+def test_upstream_5xx_or_oversized_gets_the_policy(tmp_path, images, policy, status, upstream):
+    up = Upstream(**upstream)
+    try:
+        with local_server(tmp_path, upstream_url=up.url + "/predict", upstream_policy=policy,
+                          upstream_max_body_bytes=1_000_000, intra_op_threads=2) as s:
+            r = post(s, images[0])
+            metrics = httpx.get(s.url + "/metrics").text
+        assert r.status_code == status
+        answer = r.json()["results"][0]["upstream"]
+        assert answer["status"] == 502 and ("503" in answer["error"] or "over" in answer["error"])
+        kind = "status" if "status" in upstream else "too_big"
+        assert f'hopgate_upstream_errors_total{{kind="{kind}"}} 1.0' in metrics
+    finally:
+        up.stop()
+
+
+def test_non_ascii_content_type_and_traceparent_are_sanitised(tmp_path, images):
+    up = Upstream()
+    try:
+        with local_server(tmp_path, upstream_url=up.url + "/predict", intra_op_threads=2) as s:
+            r1 = post(s, images[0], **{"content-type": "image/p\xe9ng".encode("latin-1")})
+            r2 = post(s, images[0], traceparent="00-\xff".encode("latin-1"))
+            ok = post(s, images[0])
+        assert r1.status_code == r2.status_code == ok.status_code == 200
+        assert up.state()["traces"] == [None, None, None]
     finally:
         up.stop()
