@@ -8,12 +8,14 @@ Graph I/O (fixed names):
   inputs   images      uint8 [B, H, W, C]   at the bundle's size; cast/normalise happen in-graph
            log_lambda  float32 scalar        optional: an overridable initializer holding the
                                              calibrated log-domain threshold
-  outputs  score       float32 [B]     logsumexp(beta * Xi^(c) phi): higher = more ID
-           is_ood      bool    [B]     the state fell into the origin attractor
+  outputs  score       float32 [B]     the gate's deciding score, min over t <= T of
+                                       lse(a_t) on the ungated trajectory: higher = more ID
+           is_ood      bool    [B]     the state fell into the origin attractor; equals
+                                       score < threshold (the build checks it)
            pred_class  int64   [B]
            memory_index int64  [B, k]  global memory index, -1 where is_ood
            memory_weight float32 [B, k] softmax weight of that memory, 0 where is_ood
-           energy      float32 [B]     RecLag energy of the final state
+           energy      float32 [B]     Lyapunov energy of the final state (reclag.hopfield_energy)
            msp         float32 [B]     max softmax probability (baseline score)
            energy_score float32 [B]    logsumexp(logits) (baseline score)
 """
@@ -74,6 +76,11 @@ class BundleMeta(BaseModel):
     memories_per_class: int
     steps: int = Field(ge=0)
     top_k: int = Field(gt=0)
+    # optional (bundles made before they existed load with these defaults)
+    geometry: Literal["dot", "gaussian"] = "dot"  # gaussian: whitened, lifted (reclag.md §10)
+    radius: float | None = None  # gaussian: the shift R
+    rectified: bool = True
+    feature_norm: float | None = None
     # calibration
     threshold: float  # log-domain threshold tau = log(lambda); OOD iff score < tau
     target_tpr: float = Field(gt=0, lt=1)

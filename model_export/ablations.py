@@ -52,16 +52,17 @@ def ablations(memory: MemoryConfig, cache: dict, epochs: int, seed: int,
 
 @torch.no_grad()
 def steps_rows(head: RecLagHead, cache: dict, steps: tuple[int, ...]) -> list[dict]:
-    """T changes the verdict only through the gate at later steps: calibrate on the hold-out,
-    then report the ID test share accepted and the OOD share flagged after T unrolled steps.
-    The head's own ``steps`` is left as it was."""
+    """T changes the verdict only through the gate at later steps: for each T, calibrate the
+    deciding score (which depends on T) on the hold-out, then report the ID test share accepted
+    and the OOD share flagged after T unrolled steps. The head's own ``steps`` is left as it
+    was."""
     rows = []
     kept = head.steps
-    tau = threshold_at_tpr(head.score(cache["holdout"]["phi"], cache["holdout"]["logits"])
-                           .double().numpy(), 0.95)
     try:
         for t in steps:
             head.steps = t
+            tau = threshold_at_tpr(head.score(cache["holdout"]["phi"], cache["holdout"]["logits"])
+                                   .double().numpy(), 0.95)
             run = lambda d: head(d["phi"], d["logits"], torch.tensor(tau))["is_ood"].numpy()  # noqa: E731,B023
             id_acc = float(1 - run(cache["test"]).mean())
             flagged = {k: float(run(v).mean()) for k, v in cache["ood"].items()}

@@ -33,8 +33,8 @@ def write_card(cfg: BuildConfig, export_report: dict, quick: dict, config_path: 
         f"resize `{meta.resize}`, "
         f"normalised in-graph with mean {meta.mean} / std {meta.std}.",
         f"- Backbone: `{meta.backbone}`, {cfg.backbone.epochs} epochs, seed {cfg.seed}.",
-        f"- Memory: {meta.method} ({meta.lagrangian}), {meta.bank} banks, "
-        f"{meta.memories_per_class} "
+        f"- Memory: {meta.method} ({meta.lagrangian}, {meta.geometry} geometry), "
+        f"{meta.bank} banks, {meta.memories_per_class} "
         f"memories per class, beta {meta.beta}, T = {meta.steps} unrolled steps, top-{meta.top_k} "
         "memories reported.",
         f"- Bundle size: {size_mb:.2f} MB.",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # The memory settings' choices, named once: MemoryConfig validates them, fit.FitConfig and
 # reclag.RecLagHead take them (recipe.py maps one onto the others).
@@ -19,6 +19,7 @@ Sampler = Literal["probs", "probs_as_logits"]  # probs_as_logits: the official c
 Weights = Literal["log", "tf"]  # tf: float32 importance weights, as the official code
 Init = Literal["sample", "kmeans"]
 Lagrangian = Literal["lse", "rep_n"]
+Geometry = Literal["dot", "gaussian"]
 
 
 class _Strict(BaseModel):
@@ -42,6 +43,9 @@ class BackboneConfig(_Strict):
     batch_size: int = Field(256, gt=0)
     lr: float = Field(0.1, gt=0)
     augment: bool = True
+    # share of each batch sent along a random client path first (resized 28-448 px, JPEG/PNG,
+    # the service's decode + fit: model_export.clientpath), so accuracy holds on served images
+    client_path: float = Field(0.0, ge=0, le=1)
     mean: list[float] | None = None  # default: the backbone's own, else 0.5 per channel
     std: list[float] | None = None
     method: Literal["plain", "greg", "greg_plus"] = "plain"  # OOD training (see greg.md)
@@ -85,11 +89,27 @@ class MemoryConfig(_Strict):
     lagrangian: Lagrangian = "lse"
     power_n: int = Field(2, ge=1, le=64)
     rectified: bool = True
+    # memory geometry (reclag.py): dot = a = beta xi.phi; gaussian = whitened (tied
+    # within-class covariance), lifted a = -beta/2 |z - xi|^2, banks = k-means centres in the
+    # whitened space (then ``epochs`` SFNN epochs with the Gaussian encoder, 0 = centres).
+    geometry: Geometry = "dot"
+    shrinkage: float = Field(0.0, ge=0, le=1)  # gaussian: S = (1-a) Sigma + a tr(Sigma)/D I
+    radius: float | None = Field(None, gt=0)  # gaussian: shift R; None = 3 sqrt(D)
+    kmeans_n_init: int = Field(1, ge=1)  # k-means restarts of init: kmeans
+
+    @model_validator(mode="after")
+    def _gaussian_is_lse(self) -> MemoryConfig:
+        if self.geometry == "gaussian" and self.lagrangian != "lse":
+            raise ValueError("geometry gaussian needs lagrangian lse")
+        return self
 
 
 class CalibrateConfig(_Strict):
     target_tpr: float = Field(0.95, gt=0, lt=1)
     quantiles: int = Field(1001, ge=11)
+    # share of the hold-out replaced by its client-path copy (model_export.clientpath) before
+    # the threshold and p-value table are set, so the promise holds on what clients send
+    client_path: float = Field(0.0, ge=0, le=1)
 
 
 class ExportConfig(_Strict):

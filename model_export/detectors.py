@@ -23,8 +23,8 @@ import torch
 from . import baselines as B
 from .config import MemoryConfig
 from .detector import Detector, Features, Linear
-from .fit import fit_banks
-from .recipe import fit_settings, make_head
+from .fit import fit_memory
+from .recipe import fit_settings, head_from_memory
 from .reclag import RecLagHead, prepare_features
 
 RECLAG = "RecLag"  # the bundle's own head, in tables and plots
@@ -32,6 +32,15 @@ RECLAG = "RecLag"  # the bundle's own head, in tables and plots
 # bundle's RecLag row in the main table, refitted from the cached features.
 TUNED = "RecLag (k-means centres)"
 TUNED_MEMORY = {"init": "kmeans", "epochs": 0}
+# The two geometries side by side, whatever the bundle uses (refitted on the cached features):
+# dot = the previous default bundle's memory (normalised features, k-means start, 5 SFNN
+# epochs); gaussian = the whitened, lifted gate of issue 13 (k-means centres, beta 1).
+DOT = "RecLag (dot, norm 10)"
+DOT_MEMORY = {"geometry": "dot", "feature_norm": 10.0, "beta": 5.0, "init": "kmeans",
+              "epochs": 5, "lagrangian": "lse"}
+GAUSSIAN = "RecLag (gaussian, whitened)"
+GAUSSIAN_MEMORY = {"geometry": "gaussian", "feature_norm": None, "beta": 1.0, "init": "kmeans",
+                   "epochs": 0, "kmeans_n_init": 4, "lagrangian": "lse"}
 
 
 class BundleHead(Detector):
@@ -54,10 +63,10 @@ class RecLag(BundleHead):
     def fit(self, train: Features, labels: torch.Tensor, linear: Linear) -> RecLag:
         m = self.memory
         t0 = time.time()
-        banks, bias = fit_banks(prepare_features(train.phi, m.feature_norm), labels,
-                                int(linear.weight.shape[0]), fit_settings(m), self.seed,
-                                shared=m.bank == "shared", progress=False)
-        self.head = make_head(m, banks, bias)
+        mem = fit_memory(prepare_features(train.phi, m.feature_norm), labels,
+                         int(linear.weight.shape[0]), fit_settings(m), self.seed,
+                         shared=m.bank == "shared", progress=False)
+        self.head = head_from_memory(m, mem)
         self.fit_seconds = round(time.time() - t0, 1)
         return self
 
@@ -82,15 +91,23 @@ def _bundle(o: Options) -> Detector:
     return BundleHead(o.head)
 
 
-def _tuned(o: Options) -> Detector:
-    if o.memory is None:
-        raise ValueError("a refitted RecLag starts from memory settings: pass Options(memory=...)")
-    return RecLag(o.memory.model_copy(update=TUNED_MEMORY), o.seed, TUNED)
+def _refit(update: dict, label: str) -> Callable[[Options], Detector]:
+    def make(o: Options) -> Detector:
+        if o.memory is None:
+            raise ValueError("a refitted RecLag starts from memory settings: "
+                             "pass Options(memory=...)")
+        return RecLag(o.memory.model_copy(update=update), o.seed, label)
+    return make
+
+
+_tuned = _refit(TUNED_MEMORY, TUNED)
 
 
 REGISTRY: dict[str, Callable[[Options], Detector]] = {
     "reclag": _bundle,
     "reclag-kmeans": _tuned,
+    "reclag-dot": _refit(DOT_MEMORY, DOT),
+    "reclag-gaussian": _refit(GAUSSIAN_MEMORY, GAUSSIAN),
     "msp": lambda o: B.MSP(),
     "energy": lambda o: B.Energy(),
     "react": lambda o: B.ReAct(o.react_percentile),

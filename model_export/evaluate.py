@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from .calibrate import accepted_share
+from .clientpath import encoding_table, format_table
 from .config import BuildConfig
+from .data import Split
 from .metrics import ood_metrics
 from .model import GatedModel
 from .recipe import load_model
@@ -28,7 +30,17 @@ def torch_scores(model: GatedModel, images: np.ndarray, progress: bool = False,
     return model.head.score(phi, logits).numpy(), logits.argmax(1).numpy()
 
 
-def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
+def served_table(cfg: BuildConfig, model: GatedModel, calib: dict, test: Split,
+                 limit: int | None = None) -> list[dict]:
+    """Accepted share and accuracy of unseen ID test images (the first ``limit``) per client
+    encoding, through the service's decode and fit (``clientpath.encoding_table``)."""
+    test = test if not limit or limit >= len(test) else test.subset(slice(0, limit))
+    return encoding_table(lambda x: torch_scores(model, x), test.images, test.labels,
+                          calib["threshold"], calib["target_tpr"], cfg.data.resize)
+
+
+def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None,
+                 served_limit: int | None = 2000) -> dict:
     sets = sets or Sets(cfg)
     model, calib = load_model(cfg)
     test = sets.test
@@ -40,6 +52,7 @@ def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = No
         "holdout_tpr": calib["holdout_tpr"],
         "test_tpr": accepted_share(id_scores, calib["threshold"]),
         "ood": {},
+        "encodings": served_table(cfg, model, calib, test, served_limit),
     }
     for name, imgs in sets.far_ood.items():
         s, _ = torch_scores(model, imgs, progress, name)
@@ -57,4 +70,7 @@ def format_quick(report: dict) -> str:
     for name, m in report["ood"].items():
         lines.append(f"| {name} | {m['n']} | {m['auroc']:.4f} | {m['fpr95_ood_accepted']:.4f} | "
                      f"{m['flagged_ood']:.4f} |")
+    if report.get("encodings"):
+        lines += ["", "Unseen ID test images as clients send them (service decode + resize):", ""]
+        lines += format_table(report["encodings"], report["target_tpr"])
     return "\n".join(lines)

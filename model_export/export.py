@@ -101,7 +101,8 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
                  rtol: float = 1e-4) -> dict:
     """PyTorch vs onnxruntime on real images: every score within rtol*(1+|score|), identical
     is_ood, pred_class and memory_index (except rows whose score is within that tolerance of
-    the threshold, counted as ``borderline``); batch 1 and batch 64 must both run.
+    the threshold, counted as ``borderline``); in both runtimes is_ood == (score < threshold)
+    on every image, borderline or not (one verdict); batch 1 and batch 64 must both run.
 
     Raises ParityError naming the first disagreement; returns a small report.
     """
@@ -131,6 +132,11 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
         bad = np.flatnonzero(differs)
         if len(bad):
             problems.append(f"{k} differs on {len(bad)} images (first: {int(bad[0])})")
+    # one verdict, exactly (no borderline exemption): in each runtime the flag is score < tau
+    for name, out in (("pytorch", ref), ("onnxruntime", got)):
+        bad = int((out["is_ood"] != (out["score"] < np.float32(log_lambda))).sum())
+        if bad:
+            problems.append(f"{name}: is_ood disagrees with score < threshold on {bad} images")
     for b in (1, 64):  # the dynamic batch axis really is dynamic
         if len(images) >= b:
             one = run_ort(sess, images[:b], batch_size=b)

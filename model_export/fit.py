@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from .config import Init, Lagrangian, Sampler, Weights
-from .reclag import PAD, memory_logits
+from .config import Geometry, Init, Lagrangian, Sampler, Weights
+from .reclag import PAD, memory_logits, whiten
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,22 @@ class FitConfig:
     init: Init = "sample"
     lagrangian: Lagrangian = "lse"  # the encoder p(mu|x) = softmax(a) of this Lagrangian
     power_n: int = 2
+    geometry: Geometry = "dot"  # gaussian: a = -beta/2 |x - xi|^2 on whitened features
+    shrinkage: float = 0.0
+    kmeans_n_init: int = 1
+
+
+def encoder_logits(x: torch.Tensor, xi: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    """The activations a (B, M) of features x (B, D) against one bank xi (M, D)."""
+    if cfg.geometry == "gaussian":
+        return -cfg.beta / 2 * torch.cdist(x, xi).pow(2)
+    return memory_logits(x @ xi.T, cfg.beta, cfg.lagrangian, cfg.power_n)
 
 
 def sfnn_loss(xi: torch.Tensor, x: torch.Tensor, cfg: FitConfig,
               gen: torch.Generator) -> torch.Tensor:
     """The importance-sampled SFNN objective for one batch x (B, D) and one bank xi (M, D)."""
-    a = memory_logits(x @ xi.T, cfg.beta, cfg.lagrangian, cfg.power_n)
-    z = torch.softmax(a, dim=1)  # p(mu|x)
+    z = torch.softmax(encoder_logits(x, xi, cfg), dim=1)  # p(mu|x)
     with torch.no_grad():
         probs = torch.softmax(z, dim=1) if cfg.sampler == "probs_as_logits" else z
         mu = torch.multinomial(probs, cfg.samples, replacement=True, generator=gen)  # (B, S)
@@ -74,10 +83,12 @@ def _init_bank(x: torch.Tensor, cfg: FitConfig, gen: torch.Generator) -> torch.T
         from sklearn.cluster import KMeans
 
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        centres = KMeans(m, n_init=1, random_state=seed).fit(x.double().numpy()).cluster_centers_
-        xi0 = torch.from_numpy(centres).float()
+        km = KMeans(m, n_init=cfg.kmeans_n_init, random_state=seed)
+        xi0 = torch.from_numpy(km.fit(x.double().numpy()).cluster_centers_).float()
     else:
         xi0 = x[torch.randperm(len(x), generator=gen)[:m]].clone()
+    if cfg.geometry == "gaussian":  # centres live in the whitened space: no rescaling
+        return xi0
     return cfg.init_norm * xi0 / xi0.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -124,3 +135,34 @@ def fit_banks(features: torch.Tensor, labels: torch.Tensor, num_classes: int, cf
         xi = fit_bank(xc, cfg, gen, f"class {c}", progress)
         banks[c, :len(xi)], bias[c, :len(xi)] = xi, 0.0
     return banks, bias
+
+
+def fit_whitener(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), W (D, D)), z = (x - mean) W, W = S^-1/2 of the tied within-class covariance
+    of ``x`` (the correctly classified training features), shrunk towards tr(S)/D I."""
+    x = x.double()
+    means = torch.stack([x[labels == k].mean(0) if (labels == k).any() else x.mean(0)
+                         for k in range(num_classes)])
+    centred = x - means[labels]
+    sigma = centred.T @ centred / len(x)
+    d = sigma.shape[0]
+    eye = torch.eye(d, dtype=x.dtype)
+    s = (1 - shrinkage) * sigma + shrinkage * (torch.trace(sigma) / d) * eye
+    evals, evecs = torch.linalg.eigh(s)
+    evals = evals.clamp_min(float(evals.max()) * 1e-10)
+    return x.mean(0).float(), (evecs @ torch.diag(evals.rsqrt()) @ evecs.T).float()
+
+
+def fit_memory(features: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: FitConfig,
+               seed: int, shared: bool = False, progress: bool = True) -> dict:
+    """Everything a head's memory needs, as memory.pt stores it: ``banks``, ``mask_bias`` and,
+    for the gaussian geometry, the whitening ``mean``/``whitener`` (banks fitted on whitened
+    features)."""
+    if cfg.geometry != "gaussian":
+        banks, bias = fit_banks(features, labels, num_classes, cfg, seed, shared, progress)
+        return {"banks": banks, "mask_bias": bias}
+    mean, w = fit_whitener(features, labels, num_classes, cfg.shrinkage)
+    banks, bias = fit_banks(whiten(features, mean, w), labels, num_classes, cfg, seed, shared,
+                            progress)
+    return {"banks": banks, "mask_bias": bias, "mean": mean, "whitener": w}

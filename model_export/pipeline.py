@@ -18,10 +18,17 @@ import time
 import numpy as np
 import torch
 
-from .calibrate import accepted_share, quantile_table, threshold_at_tpr
+from .calibrate import (
+    accepted_share,
+    check_floor,
+    check_one_verdict,
+    quantile_table,
+    threshold_at_tpr,
+)
+from .clientpath import calibration_images
 from .config import BuildConfig
 from .export import check_parity, export_onnx
-from .fit import fit_banks
+from .fit import fit_memory
 from .recipe import bundle_meta, fit_settings, load_backbone, load_model, make_backbone
 from .reclag import prepare_features
 from .splits import Sets
@@ -37,6 +44,7 @@ def log(msg: str) -> None:
 def step_train(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
     sets = sets or Sets(cfg)
     train = sets.train
+    torch.manual_seed(cfg.seed)  # the backbone's init: the same config gives the same bundle
     net, norm = make_backbone(cfg, len(train.class_names))
     b = cfg.backbone
     t0 = time.time()
@@ -44,7 +52,7 @@ def step_train(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None
         log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
         history = train_classifier(net, norm, train, epochs=b.epochs, batch_size=b.batch_size,
                                    lr=b.lr, seed=cfg.seed, augment_images=b.augment,
-                                   progress=progress)
+                                   client_path=b.client_path, progress=progress)
     else:  # GReg / GReg+ : energy-regularised OOD training (model_export.greg)
         from .greg import train_greg
 
@@ -72,28 +80,35 @@ def step_fit(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) 
     labels = torch.from_numpy(train.labels)
     right = logits.argmax(1) == labels  # official: correctly classified samples only
     m = cfg.memory
-    log(f"fit {m.bank} banks: {m.memories} memories/class, beta {m.beta}, {m.epochs} epochs, "
-        f"{int(right.sum())} features")
+    log(f"fit {m.bank} {m.geometry} banks: {m.memories} memories/class, beta {m.beta}, "
+        f"{m.epochs} epochs, {int(right.sum())} features")
     t0 = time.time()
-    banks, bias = fit_banks(prepare_features(phi[right], m.feature_norm), labels[right],
-                            len(train.class_names), fit_settings(m), cfg.seed,
-                            shared=m.bank == "shared", progress=progress)
-    torch.save({"banks": banks, "mask_bias": bias}, cfg.workdir / "memory.pt")
-    return {"memories": int((bias == 0).sum()), "seconds": round(time.time() - t0, 1)}
+    mem = fit_memory(prepare_features(phi[right], m.feature_norm), labels[right],
+                     len(train.class_names), fit_settings(m), cfg.seed,
+                     shared=m.bank == "shared", progress=progress)
+    torch.save(mem, cfg.workdir / "memory.pt")
+    return {"memories": int((mem["mask_bias"] == 0).sum()), "seconds": round(time.time() - t0, 1)}
 
 
 def step_calibrate(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
     sets = sets or Sets(cfg)
     holdout = sets.holdout
     model, _ = load_model(cfg)
+    images = calibration_images(holdout.images, cfg.calibrate.client_path, cfg.seed,
+                                cfg.data.resize)  # what clients send (clientpath.py)
     with torch.no_grad():
-        phi, logits = extract(model.backbone, model.normalize, holdout.images, progress=progress,
+        phi, logits = extract(model.backbone, model.normalize, images, progress=progress,
                               desc="calibration scores")
-        scores = model.head.score(phi, logits).numpy()
+        scores = model.head.score(phi, logits).numpy()  # the deciding score
     c = cfg.calibrate
     tau = threshold_at_tpr(scores, c.target_tpr)
+    check_floor(tau, model.head.floor())  # else the clamp, not tau, would decide
+    with torch.no_grad():  # one verdict: the graph's flag is score < tau on every image
+        out = model.head(phi, logits, torch.tensor(tau))
+    check_one_verdict(out["is_ood"].numpy(), out["score"].numpy(), tau, "held-out images")
     record = {"threshold": tau, "target_tpr": c.target_tpr,
               "holdout_tpr": accepted_share(scores, tau), "calibration_size": len(scores),
+              "client_path": c.client_path,
               "score_quantiles": quantile_table(scores, c.quantiles)}
     (cfg.workdir / "calibration.json").write_text(json.dumps(record))
     log(f"threshold {tau:.4f} (log-domain) at TPR {c.target_tpr} on {len(scores)} held-out images")

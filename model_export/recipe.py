@@ -40,12 +40,21 @@ def fit_settings(memory: MemoryConfig) -> FitConfig:
     return FitConfig(**{name: getattr(memory, name) for name in _FIT_FIELDS})
 
 
-def make_head(memory: MemoryConfig, banks: torch.Tensor, mask_bias: torch.Tensor) -> RecLagHead:
-    """The RecLag head of fitted ``banks`` with every head setting of ``memory``."""
+def make_head(memory: MemoryConfig, banks: torch.Tensor, mask_bias: torch.Tensor,
+              mean: torch.Tensor | None = None, whitener: torch.Tensor | None = None
+              ) -> RecLagHead:
+    """The RecLag head of fitted ``banks`` (and, for the gaussian geometry, the whitening
+    ``mean``/``whitener``) with every head setting of ``memory``."""
     m = memory
     return RecLagHead(banks, mask_bias, beta=m.beta, steps=m.steps, top_k=m.top_k,
                       shared=m.bank == "shared", feature_norm=m.feature_norm,
-                      lagrangian=m.lagrangian, power_n=m.power_n, rectified=m.rectified)
+                      lagrangian=m.lagrangian, power_n=m.power_n, rectified=m.rectified,
+                      geometry=m.geometry, mean=mean, whitener=whitener, radius=m.radius)
+
+
+def head_from_memory(memory: MemoryConfig, mem: dict) -> RecLagHead:
+    """The head of a ``fit.fit_memory`` result (what memory.pt stores)."""
+    return make_head(memory, mem["banks"], mem["mask_bias"], mem.get("mean"), mem.get("whitener"))
 
 
 def method_of(memory: MemoryConfig) -> str:
@@ -71,7 +80,7 @@ def load_model(cfg: BuildConfig) -> tuple[GatedModel, dict]:
     """The full GatedModel from the work dir, plus the calibration record (if any)."""
     net, norm, ckpt = load_backbone(cfg)
     mem = torch.load(cfg.workdir / "memory.pt", map_location="cpu", weights_only=True)
-    head = make_head(cfg.memory, mem["banks"], mem["mask_bias"])
+    head = head_from_memory(cfg.memory, mem)
     calib_path = cfg.workdir / "calibration.json"
     calib = json.loads(calib_path.read_text()) if calib_path.exists() else {}
     return GatedModel(norm, net, head).eval(), {**calib, "ckpt": ckpt}
@@ -88,6 +97,8 @@ def bundle_meta(cfg: BuildConfig, model: GatedModel, calib: dict) -> BundleMeta:
         backbone=backbone_label(cfg), method=method_of(m), lagrangian=m.lagrangian,
         power_n=m.power_n if m.lagrangian == "rep_n" else None,
         beta=m.beta, bank=m.bank, memories_per_class=m.memories, steps=m.steps, top_k=m.top_k,
+        geometry=m.geometry, radius=model.head.radius, rectified=m.rectified,
+        feature_norm=m.feature_norm,
         threshold=calib["threshold"], target_tpr=calib["target_tpr"],
         score_quantiles=calib["score_quantiles"], calibration_size=calib["calibration_size"],
         data_fingerprint=ckpt["fingerprint"],

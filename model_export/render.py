@@ -10,6 +10,7 @@ from pathlib import Path
 import markdown
 import numpy as np
 
+from .clientpath import format_table
 from .detectors import RECLAG
 
 STYLE = ("body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse;"
@@ -28,9 +29,34 @@ def write(report: dict, out: Path, t0: float) -> None:
     """Write the three files to ``out``, with the seconds since ``t0``."""
     report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_np))
+    (out / "summary.json").write_text(json.dumps(summary(report), indent=1, default=_np))
     md = report_markdown(report)
     (out / "README.md").write_text(md)
     (out / "report.html").write_text(to_html(md))
+
+
+def summary(report: dict) -> dict:
+    """The machine-readable headline: per benchmark (the first is the shipped bundle's config),
+    the mean far-OOD AUROC and FPR95 (paper convention) of the bundle's own head and of every
+    method on the same features."""
+    def means(b: dict) -> dict:
+        return {m: {"mean_auroc": rows["mean far-OOD"]["auroc"],
+                    "mean_fpr95": rows["mean far-OOD"]["fpr95_ood_accepted"]}
+                for m, rows in b["table"].items()}
+    out: dict = {}
+    for i, (name, b) in enumerate(report["benchmarks"].items()):
+        methods = means(b)
+        mem = b["memory"]
+        entry = {"shipped": {"method": f"{RECLAG}: RecLag, {mem.get('geometry', 'dot')} geometry, "
+                                       f"beta {mem['beta']}, M {mem['memories']}",
+                             **methods[RECLAG]},
+                 "methods": methods, "test_accuracy": b["test_accuracy"],
+                 "calibration": b["calibration"]}
+        if i == 0:
+            out.update(entry, config=name)
+        else:
+            out.setdefault("other_backbones", {})[name] = entry
+    return out
 
 
 def to_html(md: str) -> str:
@@ -63,13 +89,17 @@ def report_markdown(report: dict) -> str:
          "Scores: higher = more ID; ID is the positive class. **FPR95 (paper)** = share of OOD "
          "accepted when the threshold keeps 95 % of ID (RecLag/SHE/Hendrycks convention). "
          "**FPR95 (OpenOOD)** = share of ID rejected when the threshold catches 95 % of OOD. "
-         "Brackets: 95 % bootstrap intervals (resampling ID and OOD). All methods score the same "
-         "cached features and logits; baselines are fitted on the correctly classified training "
-         "features RecLag's banks are fitted on.", ""]
+         "Brackets: 95 % bootstrap intervals (resampling ID and OOD). Every method is fitted on "
+         "and scores the same cached penultimate features and logits (baselines on the correctly "
+         "classified training features RecLag's banks are fitted on); what differs is only what "
+         "a method does to them itself: the dot geometry rescales features to `feature_norm` "
+         "before its banks, the gaussian geometry (the shipped head) whitens them, ReAct clips "
+         "them, ViM projects them. `summary.json` holds the mean far-OOD figures.", ""]
     for name, b in report["benchmarks"].items():
         L += [f"## {name}: {b['backbone']} (D = {b['feature_dim']}), ID test accuracy "
               f"{b['test_accuracy']:.4f}", "",
               f"Sizes: {b['sizes']}. RecLag memory settings: beta {b['memory']['beta']}, "
+              f"{b['memory'].get('geometry', 'dot')} geometry, "
               f"M {b['memory']['memories']}, {b['memory']['bank']} banks, feature_norm "
               f"{b['memory']['feature_norm']}, sampler {b['memory']['sampler']}, "
               f"{b['memory']['epochs']} fitting epochs. "
@@ -80,6 +110,11 @@ def report_markdown(report: dict) -> str:
               f"**{cal['test_tpr']:.4f} of the ID test split it never saw** "
               f"({cal['gap_points']:.2f} points from the target). Share of each OOD set flagged: "
               + ", ".join(f"{k} {v:.3f}" for k, v in cal["ood_flagged"].items()) + ".", ""]
+        if b.get("encodings"):
+            L += ["**As clients send them.** The same unseen ID test images resized by a client, "
+                  "encoded, then decoded and resized by the service (`model_export/clientpath.py`"
+                  "): share the threshold accepts and classifier accuracy per encoding.", ""]
+            L += format_table(b["encodings"], cal["target_tpr"]) + [""]
         sets = list(b["table"][RECLAG])
         for metric, label in METRIC_TITLES:
             L += [f"### {label}", "", "| method | " + " | ".join(sets) + " |",
@@ -104,8 +139,8 @@ def report_markdown(report: dict) -> str:
                     per = ", ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items())
                     L.append(f"| {r['variant']} | {r['mean_auroc']:.4f} | {r['mean_fpr95']:.4f} | "
                              f"{per} | {r['fit_seconds']} |")
-            L += ["", "Unrolled steps T (the score is the t = 0 gate quantity, so AUROC does not "
-                  "depend on T; T can only change the verdict, through the gate at later steps):",
+            L += ["", "Unrolled steps T (the score is the quantity that decides the verdict, "
+                  "the lowest gate score along the first T steps, calibrated per T):",
                   "",
                   "| T | ID test accepted | OOD flagged per set |", "|---|---|---|"]
             for r in b["ablations"]:

@@ -30,6 +30,7 @@ from .ablations import ablations
 from .calibrate import accepted_share
 from .config import BuildConfig
 from .detectors import BASELINES, RECLAG, Options
+from .evaluate import served_table
 from .feature_cache import build_cache, cache_path, correct_train
 from .methods import score_methods, table
 from .pipeline import log
@@ -39,7 +40,7 @@ from .recipe import load_model
 from .render import write
 from .splits import Sets
 
-MAIN_METHODS = ("reclag", "reclag-kmeans", *BASELINES)
+MAIN_METHODS = ("reclag", "reclag-kmeans", "reclag-dot", "reclag-gaussian", *BASELINES)
 SECONDARY_METHODS = ("reclag", *BASELINES)
 
 
@@ -76,6 +77,7 @@ def benchmark(cfg: BuildConfig, out: Path, *, methods: tuple[str, ...] = MAIN_ME
                                 == cache["test_labels"]).mean()),
         "calibration": _calibration(rl, tau, calib["target_tpr"]),
         "table": tbl, "extract_seconds": cache.get("extract_seconds"),
+        "encodings": served_table(cfg, model, calib, sets.test),  # as clients send them
     }
     if do_ablations:
         log(f"[{tag}] ablations ({ablation_epochs} fitting epochs each, from cached features)")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .clientpath import simulate
 from .data import Split
 from .model import Normalize
 
@@ -20,10 +21,18 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int, batch_size: int,
-                     lr: float, seed: int, augment_images: bool = True, progress: bool = True):
-    """SGD with one-cycle learning rate; returns the per-epoch mean loss."""
+                     lr: float, seed: int, augment_images: bool = True, client_path: float = 0.0,
+                     progress: bool = True):
+    """SGD with one-cycle learning rate; returns the per-epoch mean loss.
+
+    ``client_path``: the share of each batch first sent along a random client path
+    (``clientpath.simulate``: resized, JPEG/PNG, the service's decode and fit), drawn fresh per
+    batch (about 1 ms an image on one core). Not for a frozen trunk (its features are cached).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 13])
+    n_client = int(round(client_path * batch_size))
     prefix = getattr(backbone, "trainable_prefix", None)
     params = [p for n, p in backbone.named_parameters()
               if p.requires_grad and (prefix is None or n.startswith(prefix))]
@@ -47,7 +56,12 @@ def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int
             if frozen:
                 logits = backbone.fc(images[idx])
             else:
-                x = normalize(images[idx])
+                x = images[idx]
+                if n_client:
+                    x = x.clone()
+                    sent = simulate(data.images[idx[:n_client].numpy()], rng)
+                    x[:n_client] = torch.from_numpy(sent)
+                x = normalize(x)
                 _, logits = backbone(augment(x, gen) if augment_images else x)
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)

@@ -115,7 +115,8 @@ def dam_bundle(quick_build, tmp_path_factory):
     cfg = load_config(None, {**qcfg.model_dump(mode="json"), "name": "dam_test",
                              "workdir": str(work), "output": str(work / "dam.onnx")})
     cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={
-        "lagrangian": "rep_n", "power_n": 10, "epochs": 2})})
+        "lagrangian": "rep_n", "power_n": 10, "epochs": 2, "geometry": "dot",
+        "feature_norm": 10.0, "beta": 5.0})})  # DAM is a dot-geometry Lagrangian
     for step in ("fit", "calibrate", "export"):
         pipeline.STEPS[step](cfg, progress=False)
     return cfg

@@ -26,8 +26,9 @@ def synthetic():
     return mk(phi), labels, fc, mk(test)
 
 
-def test_the_registry_names_all_ten_methods_in_table_order():
-    assert list(D.REGISTRY) == ["reclag", "reclag-kmeans", *D.BASELINES]
+def test_the_registry_names_all_twelve_methods_in_table_order():
+    assert list(D.REGISTRY) == ["reclag", "reclag-kmeans", "reclag-dot", "reclag-gaussian",
+                                *D.BASELINES]
     assert len(D.BASELINES) == 8
 
 
@@ -37,7 +38,8 @@ def test_every_detector_fits_and_scores(synthetic):
     memory = MemoryConfig(memories=4, epochs=1, batch_size=20)
     opts = D.Options(memory=memory, head=head, he_beta=0.2, knn_k=5, vim_dim=4)
     dets = D.fit_detectors(list(D.REGISTRY), opts, train, labels, fc)
-    assert list(dets) == ["RecLag", "RecLag (k-means centres)", "MSP", "Energy", "ReAct(p90)",
+    assert list(dets) == ["RecLag", "RecLag (k-means centres)", "RecLag (dot, norm 10)",
+                          "RecLag (gaussian, whitened)", "MSP", "Energy", "ReAct(p90)",
                           "HE(b=0.2)", "SHE", "KNN(k=5)", "Mahalanobis", "ViM(dim=4)"]
     for label, det in dets.items():
         assert isinstance(det, Detector)
@@ -51,6 +53,11 @@ def test_every_detector_fits_and_scores(synthetic):
     tuned = dets["RecLag (k-means centres)"]
     assert tuned.memory.init == "kmeans" and tuned.memory.epochs == 0
     assert tuned.head.banks.shape == (3, 4, 8)
+    # both geometries side by side: the gaussian one is whitened and lifted (D + 2 columns)
+    dot, gauss = dets["RecLag (dot, norm 10)"], dets["RecLag (gaussian, whitened)"]
+    assert dot.head.geometry == "dot" and dot.head.banks.shape == (3, 4, 8)
+    assert gauss.head.geometry == "gaussian" and gauss.head.banks.shape == (3, 4, 10)
+    assert gauss.head.beta == 1.0 and gauss.head.feature_norm is None
 
 
 def test_vim_defaults_to_half_the_feature_dimension(synthetic):

@@ -67,10 +67,11 @@ def test_report_scores_are_bundle_scores(bench, tmp_path):
     assert set(scores["ood"]) == {"digits", "photos", "faces", "glyphs", "noise"}
     assert cache_path(cfg_small) == tmp_path / "eval" / "cache.pt"  # under the work dir
     assert cache_path(cfg_small).exists()
-    # T unrolled steps: the score is the t = 0 gate quantity; the verdict rows are well formed
+    # T unrolled steps: the deciding score is calibrated per T on the hold-out, so the 300 ID
+    # test images the threshold never saw are accepted at the target (binomial sd ~1.3 %)
     rows = steps_rows(model.head, cache, (0, 1))
     assert [r["steps"] for r in rows] == [0, 1]
-    assert all(0.0 <= r["id_accepted"] <= 1.0 for r in rows)
+    assert all(abs(r["id_accepted"] - 0.95) <= 0.04 for r in rows), rows
     assert model.head.steps == cfg.memory.steps  # the head's own T is left as it was
 
 

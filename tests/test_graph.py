@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hopgate.bundle import BundleError, BundleMeta, load_meta
+from hopgate.model_export import reclag
 from hopgate.model_export.export import ParityError, check_parity, export_onnx, ort_session, run_ort
 from hopgate.model_export.model import GatedModel, Normalize
 from hopgate.model_export.reclag import RecLagHead
@@ -75,9 +76,16 @@ def test_graph_matches_torch_and_theory(exported):
     assert ood.any() and (~ood).any()
     # memory indices are -1 exactly for OOD rows
     assert (out["memory_index"][ood] == -1).all() and (out["memory_index"][~ood] >= 0).all()
-    # a closed gate at t = 0 (score < tau) ends at the origin: OOD, energy -tau/beta
-    closed0 = out["score"] < meta.threshold
-    assert ood[closed0].all()
+    # one verdict: the flag is the score (the deciding quantity) below the threshold
+    np.testing.assert_array_equal(ood, out["score"] < np.float32(meta.threshold))
+    # a closed gate at t = 0 ends at the origin: OOD, energy -tau/beta
+    with torch.no_grad():
+        phi, logits = model.features(torch.from_numpy(images))
+        bank = model.head.select(logits.argmax(-1))
+        s0 = reclag.lse(reclag.activations(model.head.banks[bank], phi, meta.beta,
+                                           model.head.bias[bank])).numpy()
+    closed0 = s0 < meta.threshold
+    assert closed0.any() and ood[closed0].all()
     if meta.steps > 0:
         np.testing.assert_allclose(out["energy"][closed0], -meta.threshold / meta.beta, rtol=1e-5)
 

@@ -106,3 +106,34 @@ def test_threshold_is_clamped_above_log_M():
     head = reclag.RecLagHead(banks, beta=1.0, steps=1, shared=True)
     out = head(torch.zeros(2, 4), torch.zeros(2, 3), torch.tensor(-50.0))
     assert out["is_ood"].all()  # S(0) = M: with tau clamped to log M + eps, the origin is OOD
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_feature_change_within_the_stability_margin_flips_the_verdict(seed):
+    """The margin against an actual worst-case perturbation: projected gradient steps that push
+    the score towards tau, kept inside the ball of radius 0.99 * margin, never flip a verdict;
+    at 3 * margin they do flip some (the bound is not vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    banks = torch.randn(3, 6, 12, generator=g)
+    head = reclag.RecLagHead(banks, beta=1.5, steps=0, top_k=3)
+    phi = 1.5 * torch.randn(300, 12, generator=g)
+    logits = torch.randn(300, 3, generator=g)
+    s = head.score(phi, logits)
+    tau = float(s.median())
+    marg = head.stability_margin(phi, logits, tau)
+    assert torch.equal(marg < 0, s < tau)
+    sign = torch.where(s >= tau, -1.0, 1.0)  # push ID rows down, OOD rows up
+
+    def worst(radius):
+        delta = torch.zeros_like(phi, requires_grad=True)
+        for _ in range(30):
+            (sign * head.score(phi + delta, logits)).sum().backward()
+            with torch.no_grad():
+                delta += 0.1 * radius[:, None] * delta.grad / delta.grad.norm(dim=1, keepdim=True)
+                delta *= (radius / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
+            delta.grad = None
+        with torch.no_grad():
+            return (head.score(phi + delta, logits) < tau) != (s < tau)
+
+    assert not worst(0.99 * marg.abs()).any()
+    assert worst(3.0 * marg.abs()).any()

@@ -38,3 +38,16 @@ def test_report_files_render(tmp_path):
     assert "<code>hopgate-export evaluate</code>" in page
     assert '<img alt="ROC" src="q-roc.png"' in page
     assert json.loads((tmp_path / "report.json").read_text())["seconds"] > 0
+
+
+def test_summary_names_the_shipped_head_and_every_method(tmp_path):
+    report = _report()
+    report["benchmarks"]["quick"]["table"]["Mahalanobis"] = {
+        "digits": dict(METRICS, auroc=0.97, fpr95_ood_accepted=0.1),
+        "mean far-OOD": dict(METRICS, auroc=0.97, fpr95_ood_accepted=0.1)}
+    render.write(report, tmp_path, t0=0.0)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["config"] == "quick"
+    assert s["shipped"]["mean_auroc"] == 0.95 and s["shipped"]["mean_fpr95"] == 0.3
+    assert s["shipped"]["method"].startswith("RecLag")
+    assert s["methods"]["Mahalanobis"] == {"mean_auroc": 0.97, "mean_fpr95": 0.1}

@@ -136,10 +136,11 @@ def main():
             res["models"][name].setdefault("transfer", {})[src] = t
     # stability margin: does (score - tau) / (beta max|xi|) predict who survives the attack?
     for name, m in models.items():
-        if m["model"].head.lagrangian != "lse":
-            continue
         key = f"pgd@{round(eps_all[0] * 255)}"
-        marg = stability_margins(m["model"], id_att, m["tau"])
+        try:  # defined for lse, dot geometry, where the t = 0 score decides (reclag.py)
+            marg = stability_margins(m["model"], id_att, m["tau"])
+        except ValueError:
+            continue
         _, s = verdicts(m["model"], id_att, m["tau"])
         ok_clean = marg > 0
         a_ood, _ = verdicts(m["model"], adv[(name, key, "id")], m["tau"])

@@ -40,7 +40,10 @@ def test_fashion_jpeg_256_rgb_comes_back_id(server, direct, fashion):
             assert res["ood"] is False
             assert res["predicted_class"] == int(ref["pred_class"][i])
             assert res["label"] == data.FASHION_CLASSES[res["predicted_class"]]
-            assert abs(res["score"] - float(ref["score"][i])) < 0.05 * abs(float(ref["score"][i]))
+            # the served score stays near the native one, measured against the margin that
+            # decides the verdict (scores are log densities: their own scale means nothing)
+            native = float(ref["score"][i])
+            assert abs(res["score"] - native) < 0.25 * (native - meta_thr)
             # retrieved from the predicted class's bank (10 memories per class)
             assert res["memories"] and res["memories"][0]["index"] // 10 == res["predicted_class"]
             assert 0 < res["p_value"] <= 1
