@@ -86,13 +86,18 @@ def plots(out: Path, tag: str, scores: dict, threshold: float, head: RecLagHead,
 def _retrieval_plot(path: Path, head: RecLagHead, cache: dict, threshold: float,
                     images: Images) -> str:
     """A few ID and OOD queries, each with its top-3 retrieved memories shown as the nearest
-    training image (cosine over all training features) to each memory."""
+    training image to each memory, in the head's own geometry (cosine for dot; Euclidean in
+    the whitened space for gaussian, whose lifted banks end in the constant -1/2)."""
     import matplotlib.pyplot as plt
 
-    tr_phi = prepare_features(cache["train"]["phi"], head.feature_norm)
-    tr_unit = tr_phi / tr_phi.norm(dim=1, keepdim=True)
     banks = head.banks.reshape(-1, head.banks.shape[-1])
-    nearest = (banks / banks.norm(dim=1, keepdim=True).clamp_min(1e-12) @ tr_unit.T).argmax(1)
+    if head.geometry == "gaussian":
+        states = head.state(cache["train"]["phi"])
+        nearest = torch.cdist(banks[:, :-1], states).argmin(1)
+    else:
+        tr_phi = prepare_features(cache["train"]["phi"], head.feature_norm)
+        tr_unit = tr_phi / tr_phi.norm(dim=1, keepdim=True)
+        nearest = (banks / banks.norm(dim=1, keepdim=True).clamp_min(1e-12) @ tr_unit.T).argmax(1)
     queries = [("ID", cache["test"], images.test, i) for i in range(3)]
     for k in list(images.ood)[:3]:
         queries.append((k, cache["ood"][k], images.ood[k], 0))
