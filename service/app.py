@@ -14,15 +14,16 @@
 from __future__ import annotations
 
 import hmac
-import json
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from fastapi import FastAPI, Request
-from starlette.responses import Response
+from fastapi import FastAPI
+from starlette.datastructures import State
 
 from hopgate import __version__
 
@@ -32,29 +33,118 @@ from .errors import V2_PREFIX, ClientError, error_response, install_handlers, in
 from .imaging import set_pillow_limit
 from .lifecycle import init_state, lifespan
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 log = logging.getLogger("hopgate.access")
 EXEMPT = (*routes_ops.PATHS, *v2.HEALTH_PATHS)
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, at most 128
+_ID_PREFIX = secrets.token_hex(8)  # random per process
+_ids = itertools.count(1)
+_WANTED = (b"x-request-id", b"x-api-key", b"authorization")
 
 
-def _given_key(request: Request) -> str:
+def new_request_id() -> str:
+    """32 hex characters like uuid4().hex, unique per process: a random prefix drawn once and
+    a counter (no 16 bytes of os.urandom per request)."""
+    return f"{_ID_PREFIX}{next(_ids):016x}"
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """The first value of each header the envelope reads (as ``request.headers.get``)."""
+    found: dict[bytes, bytes] = {}
+    for k, v in scope["headers"]:
+        if k in _WANTED and k not in found:
+            found[k] = v
+    return found
+
+
+def _given_key(headers: dict[bytes, bytes]) -> str:
     """``X-API-Key``, else the token of ``Authorization: Bearer <token>`` (any case of
     "Bearer"; a bare token without the scheme is no key)."""
-    key = request.headers.get("x-api-key")
+    key = headers.get(b"x-api-key", b"").decode("latin-1")
     if key:
         return key
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = auth.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+def _request_id(headers: dict[bytes, bytes]) -> str:
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
+    return given if REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 def _counted(path: str) -> bool:
     """Requests that count in hopgate_requests_total and the access log."""
     return path == "/score" or path.startswith("/v2/models")
+
+
+class Envelope:
+    """The envelope as a pure ASGI middleware (no BaseHTTPMiddleware: no task group, no
+    stream pair, no re-wrapped response per request). Request state goes through
+    ``scope["state"]`` (what ``request.state`` reads): ``request_id``, ``reason``, ``images``.
+    """
+
+    def __init__(self, app: ASGIApp, app_state: State, settings: Settings):
+        self.app, self.state, self.settings = app, app_state, settings
+        self.api_key = (settings.resolved_api_key() or "").encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = _headers(scope)
+        rid = _request_id(headers)
+        app_state = self.state
+        app_state.last_request = time.monotonic()
+        state = scope.setdefault("state", {})
+        state["request_id"], state["reason"], state["images"] = rid, None, 0
+        t0 = time.perf_counter()
+        path: str = scope["path"]
+        v2_path = path.startswith(V2_PREFIX)
+        status = 500
+        started = False
+
+        async def wrapped(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                extra = [(b"x-request-id", rid.encode())]
+                if app_state.draining:  # no keep-alive reuse of a connection about to close
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        if (self.api_key and not path.startswith(EXEMPT)
+                and not hmac.compare_digest(_given_key(headers).encode(), self.api_key)):
+            state["reason"] = "unauthorized"
+            await error_response(ClientError(401, "missing or wrong API key", "unauthorized"),
+                                 v2=v2_path)(scope, receive, wrapped)
+        else:
+            try:
+                await self.app(scope, receive, wrapped)
+            except Exception:  # a bug, not the client: counted, logged whole, answered plainly
+                logging.getLogger("hopgate").error(
+                    "unhandled error", exc_info=True, extra={"request_id": rid, "path": path})
+                state["reason"] = "internal"
+                if started:  # too late for an answer: the server closes the connection
+                    raise
+                await error_response(internal_error(), v2=v2_path)(scope, receive, wrapped)
+        if _counted(path):
+            elapsed = time.perf_counter() - t0
+            reason = state["reason"] or ("ok" if status < 400 else "internal")
+            metrics = getattr(app_state, "metrics", None)
+            if metrics is not None:
+                metrics.requests.labels(str(status), reason).inc()
+                metrics.request_seconds.observe(elapsed)
+            if self.settings.log_requests:
+                log.info("access", extra={"access": {
+                    "request_id": rid, "method": scope["method"], "path": path,
+                    "status": status, "reason": state["reason"], "images": state["images"],
+                    "ms": round(elapsed * 1e3, 3)}})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,44 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="hopgate", version=__version__, lifespan=lifespan,
                   description="OOD gatekeeper: RecLag modern-Hopfield memories on onnxruntime.")
     init_state(app, settings)
-    api_key = settings.resolved_api_key()
-
-    @app.middleware("http")
-    async def envelope(request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = _request_id(request)
-        app.state.last_request = time.monotonic()
-        request.state.request_id, request.state.reason, request.state.images = rid, None, 0
-        t0 = time.perf_counter()
-        path = request.url.path
-        v2_path = path.startswith(V2_PREFIX)
-        if (api_key and not path.startswith(EXEMPT)
-                and not hmac.compare_digest(_given_key(request).encode(), api_key.encode())):
-            request.state.reason = "unauthorized"
-            response: Response = error_response(
-                ClientError(401, "missing or wrong API key", "unauthorized"), v2=v2_path)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a bug, not the client: counted, logged whole, answered plainly
-                logging.getLogger("hopgate").error(
-                    "unhandled error", exc_info=True, extra={"request_id": rid, "path": path})
-                request.state.reason = "internal"
-                response = error_response(internal_error(), v2=v2_path)
-        elapsed = time.perf_counter() - t0
-        response.headers["x-request-id"] = rid
-        if app.state.draining:  # no keep-alive reuse of a connection that is about to close
-            response.headers["connection"] = "close"
-        if _counted(path) and hasattr(app.state, "metrics"):
-            reason = request.state.reason or ("ok" if response.status_code < 400 else "internal")
-            app.state.metrics.requests.labels(str(response.status_code), reason).inc()
-            app.state.metrics.request_seconds.observe(elapsed)
-        if settings.log_requests and _counted(path):
-            log.info(json.dumps({"request_id": rid, "method": request.method, "path": path,
-                                 "status": response.status_code, "reason": request.state.reason,
-                                 "images": request.state.images, "ms": round(elapsed * 1e3, 3)}))
-        return response
-
+    app.add_middleware(Envelope, app_state=app.state, settings=settings)  # outside Admission
     install_handlers(app)
     app.include_router(routes_score.router)
     app.include_router(routes_ops.router)

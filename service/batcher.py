@@ -4,7 +4,9 @@ Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
   * Each image is one queue item with its own deadline. A request with more images than the
     largest bucket is simply several items: batches never exceed the largest bucket.
   * A lone request never waits: when a batch slot is free and nothing is in flight, the
-    queue is flushed at once.
+    queue is flushed at once. When it is the only request in the server and one image costs
+    at most ``inline_ms`` (measured at warm-up), a single image is computed on the event loop
+    itself (nothing else is there to wait behind it): no thread hand-off at concurrency 1.
   * Images accumulate only while the runtime is busy. With more than one batch slot, a free
     slot waits for a full largest bucket, the in-flight batch to finish, or the oldest
     image to reach ``max_delay_ms``, whichever comes first (a hard ceiling).
@@ -51,11 +53,12 @@ class Item:
 
 class Batcher:
     def __init__(self, runtime: Runtime, metrics: Metrics, buckets: list[int], queue_images: int,
-                 max_delay_ms: float, slots: int = 1):
+                 max_delay_ms: float, slots: int = 1, inline_ms: float = 0.0):
         self.runtime, self.metrics = runtime, metrics
         self.buckets, self.max_batch = sorted(buckets), max(buckets)
         self.capacity, self.max_delay = queue_images, max_delay_ms / 1000.0
         self.slots = slots
+        self.inline_s = inline_ms / 1000.0
         self.queue: deque[Item] = deque()
         self.inflight = 0  # batches being computed
         self.inflight_images = 0
@@ -69,8 +72,10 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def submit(self, images: list[np.ndarray], deadline: float) -> list[asyncio.Future]:
-        """Queue images (all or none); returns one future per image."""
+    def submit(self, images: list[np.ndarray], deadline: float, alone: bool = False
+               ) -> list[asyncio.Future]:
+        """Queue images (all or none); returns one future per image. ``alone``: no other
+        request is in the server, so a single cheap image may be computed right here."""
         if self.closed:
             raise ShuttingDown()
         if len(self.queue) + len(images) > self.capacity:
@@ -79,7 +84,13 @@ class Batcher:
         items = [Item(img, deadline, loop.create_future()) for img in images]
         self.queue.extend(items)
         self._idle.clear()
-        self.metrics.queue_depth.set(len(self.queue))
+        if self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1 and (
+                getattr(self.runtime, "single_s", float("inf")) <= self.inline_s):
+            self._inline(self._take())
+        elif self.inflight == 0:  # a lone request never waits: straight to the runtime thread
+            self._start(self._take())
+        else:
+            self.metrics.queue_depth.set(len(self.queue))
         self._wake.set()
         return [i.future for i in items]
 
@@ -123,35 +134,64 @@ class Batcher:
                         pass
                     else:
                         continue
-            batch = self._take()
-            if batch:
-                self.inflight += 1
-                asyncio.get_running_loop().create_task(self._run(batch))
+            self._start(self._take())
 
-    async def _run(self, batch: list[Item]) -> None:
+    def _inline(self, batch: list[Item]) -> None:
+        """Compute one image on the event loop itself: only when it is the only request in the
+        server and one image costs at most ``inline_ms`` (measured at warm-up), so nothing
+        waits behind it; saves the hand-off to the runtime thread and back."""
+        if not batch:
+            return
+        self.inflight += 1
+        started = time.monotonic()
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.metrics.queue_wait.observe(started - batch[0].enqueued)
+        self.metrics.batch_size.observe(1)
+        try:
+            fut.set_result(self.runtime.run(batch[0].image[None], self._bucket(1)))
+        except Exception as e:
+            fut.set_exception(e)
+        self._finish(fut, batch, started)
+
+    def _start(self, batch: list[Item]) -> None:
+        """Hand ``batch`` to the runtime thread now; ``_finish`` runs on the loop after it (no
+        task per batch: one hop there, one back)."""
+        if not batch:
+            return
+        self.inflight += 1
         n = len(batch)
-        bucket = self._bucket(n)
         started = time.monotonic()
         for item in batch:
             self.metrics.queue_wait.observe(started - item.enqueued)
         self.inflight_images += n
         self.metrics.inflight.set(self.inflight_images)
         self.metrics.batch_size.observe(n)
-        images = np.stack([i.image for i in batch])
         try:
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.runtime.run, images, bucket)
-        except Exception as e:  # the runtime failed: every image of the batch gets the error
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
-        else:
-            compute = time.monotonic() - started
-            self.metrics.compute.observe(compute)
-            for j, item in enumerate(batch):
-                if not item.future.done():
-                    row = {k: v[j] for k, v in out.items()}
-                    item.future.set_result((row, started - item.enqueued, compute, n))
+            images = np.stack([i.image for i in batch])
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._pool, self.runtime.run, images, self._bucket(n))
+        except Exception as e:  # e.g. the pool is shut down: the batch fails, the loop goes on
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            done.set_exception(e)
+            fut = done
+        fut.add_done_callback(lambda f: self._finish(f, batch, started))
+
+    def _finish(self, fut: asyncio.Future, batch: list[Item], started: float) -> None:
+        n = len(batch)
+        try:
+            e = ShuttingDown() if fut.cancelled() else fut.exception()
+            if e is not None:  # the runtime failed: every image of the batch gets the error
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+            else:
+                out = fut.result()
+                compute = time.monotonic() - started
+                self.metrics.compute.observe(compute)
+                for j, item in enumerate(batch):
+                    if not item.future.done():
+                        row = {k: v[j] for k, v in out.items()}
+                        item.future.set_result((row, started - item.enqueued, compute, n))
         finally:
             self.inflight -= 1
             self.inflight_images -= n

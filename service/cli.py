@@ -3,7 +3,9 @@
 SIGTERM/SIGINT: /readyz fails at once, new work is refused (503, reason ``shutdown``), every
 request admitted before the signal (reading its body, decoding, queued or computing:
 admission.py) is answered normally (at most ``drain_seconds``), then uvicorn exits 0. A second
-signal exits at once. Connection limits and timeouts come from transport.py.
+signal exits at once. Connection limits and timeouts come from transport.py. With
+``HOPGATE_WORKERS`` > 1 (0: one per core) it supervises that many such servers on one port
+(workers.py).
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from .app import create_app
 from .config import Settings
 from .runtime import check_bundle
 from .transport import return_freed_memory, uvicorn_options
+from .workers import inherited_socket, resolve, supervise
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
-        if msg.startswith("{"):
+        access = record.__dict__.get("access")
+        if isinstance(access, dict):  # app.py's access line: its fields, formatted once
+            doc.update(access)
+        elif msg.startswith("{"):
             try:
                 doc.update(json.loads(msg))
             except ValueError:
@@ -103,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as e:
         print(f"hopgate-serve: {e}", file=sys.stderr)
         return 2
+    workers, sock = resolve(settings.workers), inherited_socket()
+    if workers > 1 and sock is None:  # the supervisor: N workers on one socket (workers.py)
+        return supervise(settings.host, settings.port, workers,
+                         sys.argv[1:] if argv is None else argv)
     return_freed_memory()  # RSS falls back after a burst of big bodies or images
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, **uvicorn_options(settings))
     server = DrainingServer(config, app, settings.drain_seconds, settings.drain_quiet_seconds)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3  # 3: startup failed (uvicorn's code for it)
 
 

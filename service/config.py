@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     # batcher
     buckets: list[int] = [1, 2, 4, 8, 16, 32, 64]  # padded batch sizes, all warmed before ready
     max_delay_ms: float = Field(2.0, ge=0)  # longest linger to fill a bucket while busy
+    inline_compute_ms: float = Field(2.0, ge=0)  # a lone cheaper image runs on the loop
     batch_slots: int = Field(1, ge=1)  # batches in flight at once (1 on CPU: ORT uses all threads)
     queue_images: int = Field(512, ge=1)  # queued images beyond which requests are rejected
     reject_status: int = 503  # 503 or 429
@@ -30,7 +31,11 @@ class Settings(BaseSettings):
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     intra_op_threads: int = Field(0, ge=0)  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = Field(1, ge=0)
+    ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime.py)
+    pad: str = "auto"  # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
     decode_threads: int = Field(2, ge=1)
+    inline_decode_bytes: int = Field(64 * 1024, ge=0)  # smaller images decode on the loop
+    workers: int = Field(1, ge=0)  # server processes on one port (0: one per usable core)
 
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
@@ -45,6 +50,7 @@ class Settings(BaseSettings):
     keepalive_timeout_s: int = Field(5, ge=1)  # an idle keep-alive connection is closed
     header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers (h11)
+    event_loop: str = "auto"  # uvicorn's loop: auto (uvloop when installed), asyncio, uvloop
 
     # operations
     api_key: str | None = None
@@ -66,6 +72,20 @@ class Settings(BaseSettings):
     def _reject(cls, v: int) -> int:
         if v not in (429, 503):
             raise ValueError("reject_status must be 429 or 503")
+        return v
+
+    @field_validator("event_loop")
+    @classmethod
+    def _loop(cls, v: str) -> str:
+        if v not in ("auto", "asyncio", "uvloop"):
+            raise ValueError("event_loop must be auto, asyncio or uvloop")
+        return v
+
+    @field_validator("pad")
+    @classmethod
+    def _pad(cls, v: str) -> str:
+        if v not in ("auto", "bucket", "none"):
+            raise ValueError("pad must be auto, bucket or none")
         return v
 
     @field_validator("buckets")

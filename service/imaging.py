@@ -26,7 +26,7 @@ from hopgate.pixels import fit
 
 from .errors import ImageError
 
-__all__ = ["ImageError", "decode", "set_pillow_limit", "sniff"]
+__all__ = ["ImageError", "TooCostly", "cost_of", "decode", "set_pillow_limit", "sniff"]
 
 # Pillow's own bomb guard stays on as a second line (its limit is ours, x2 raises).
 _MAGIC = [
@@ -57,6 +57,32 @@ def sniff(data: bytes) -> str:
 # model: decode 529 -> 296 us, accepted share and accuracy unchanged within 0.002 (margin 4);
 # a margin of 1 (decode straight to 28 px) costs 0.7 points of accepted share.
 DRAFT_MARGIN = 4
+
+
+_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "LA": 4, "PA": 4}  # else 4
+COST_FLOOR = 64 * 1024  # the least an image is charged (headers, buffers)
+
+
+class TooCostly(ImageError):
+    """The image's decode would cost more than the caller's ``max_cost`` (nothing decoded)."""
+
+    def __init__(self, cost: int):
+        super().__init__(413, f"image needs about {cost >> 20} MiB to decode")
+        self.cost = cost
+
+
+def cost_of(im: Image.Image, height: int, width: int, channels: int) -> int:
+    """Estimated peak bytes to decode the opened (not loaded) ``im`` for a model of
+    ``height`` x ``width`` x ``channels``: its pixels (JPEGs at their draft scale) x (bytes
+    per pixel of its mode + of the 8-bit result)."""
+    w, h = im.width, im.height
+    if im.format == "JPEG":  # decode() drafts JPEGs down by up to 8
+        side = DRAFT_MARGIN * max(height, width)
+        scale = 1
+        while scale < 8 and min(w, h) // (scale * 2) >= side:
+            scale *= 2
+        w, h = -(-w // scale), -(-h // scale)
+    return max(COST_FLOOR, w * h * (_BPP.get(im.mode, 4) + (1 if channels == 1 else 4)))
 
 
 STRIP_PIXELS = 1 << 20  # high-bit-depth and alpha images are converted this many pixels at a time
@@ -97,8 +123,9 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 
 def decode(data: bytes, height: int, width: int, channels: int, resize: str = "stretch",
-           max_pixels: int = 40_000_000) -> np.ndarray:
-    """Encoded bytes -> uint8 ``[height, width, channels]`` as the bundle expects."""
+           max_pixels: int = 40_000_000, max_cost: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 ``[height, width, channels]`` as the bundle expects; with
+    ``max_cost``, ``TooCostly`` before anything is decoded when ``cost_of`` exceeds it."""
     fmt = sniff(data)
     try:
         with warnings.catch_warnings():
@@ -107,6 +134,9 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str = "s
             if opened.width * opened.height > max_pixels:
                 raise ImageError(413, f"image has {opened.width}x{opened.height} pixels; the "
                                       f"limit is {max_pixels}")
+            if max_cost is not None and (cost := cost_of(opened, height, width,
+                                                         channels)) > max_cost:
+                raise TooCostly(cost)
             opened.seek(0)  # animated: the first frame
             if fmt == "JPEG":  # DCT-domain downscale, kept at >= DRAFT_MARGIN x the model size
                 side = DRAFT_MARGIN * max(height, width)

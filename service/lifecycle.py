@@ -66,16 +66,17 @@ def scorer_of(request: Request) -> Scorer:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     runtime = Runtime(settings.model, settings.providers, settings.intra_op_threads,
-                      settings.inter_op_threads)
+                      settings.inter_op_threads, settings.pad, settings.ort_spinning)
     m = runtime.meta
     metrics = Metrics(settings.buckets, Metrics.score_buckets(m.score_quantiles, m.threshold))
     metrics.model.info({"name": m.name, "version": m.model_version, "provider": runtime.provider,
                         "hopgate_version": __version__, "backbone": m.backbone})
     runtime.warm(settings.buckets)  # every bucket, before ready
     batcher = Batcher(runtime, metrics, settings.buckets, settings.queue_images,
-                      settings.max_delay_ms, settings.batch_slots)
+                      settings.max_delay_ms, settings.batch_slots, settings.inline_compute_ms)
     batcher.start()
     scorer = Scorer(settings, runtime, metrics, batcher)
+    scorer.app_state = app.state  # its admission (built with the middleware) says who is in
     app.state.metrics, app.state.batcher, app.state.scorer = metrics, batcher, scorer
     if settings.upstream_url:
         app.state.gate = Gate(settings.upstream_url, settings.upstream_timeout_s,

@@ -2,7 +2,8 @@
 results. One ``Scorer`` per app, built at startup (lifecycle.py).
 
   * ``decode_all``: encoded bytes -> uint8 ``[H, W, C]`` arrays, admitted before decoding and
-    decoded in a thread pool under the request's deadline (decoding.py); a bad or late image
+    decoded under the request's deadline, small ones on the loop, others in a thread pool
+    (decoding.py); a bad or late image
     becomes its own error, its neighbours go on.
   * ``run``: queue decoded images in the batcher under the request's deadline; one raw output
     row per image (the bundle's outputs plus timings) or the ``ServingError`` of that image.
@@ -24,7 +25,7 @@ from hopgate import __version__
 
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import Settings
-from .decoding import DecodePool, decode_cost
+from .decoding import INLINE_IMAGES, DecodePool, decode_cost
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
 from .metrics import Metrics
 from .runtime import Runtime
@@ -42,8 +43,20 @@ class Scorer:
         self.meta = runtime.meta
         m = runtime.meta
         self.decoder = DecodePool(settings, m.height, m.width, m.channels, m.resize)
+        self._model_info: ModelInfo | None = None
+        self.app_state: Any = None  # lifecycle.py sets it (its ``admission``: admission.py)
+
+    def alone(self) -> bool:
+        """No other scoring request is in the server (admitted and not yet answered)."""
+        admission = getattr(self.app_state, "admission", None)
+        return admission is not None and admission.active <= 1
 
     def model_info(self) -> ModelInfo:
+        if self._model_info is None:  # the same for every answer: built once
+            self._model_info = self._build_model_info()
+        return self._model_info
+
+    def _build_model_info(self) -> ModelInfo:
         m = self.meta
         return ModelInfo(name=m.name, version=m.model_version, provider=self.runtime.provider,
                          threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
@@ -53,9 +66,10 @@ class Scorer:
                          ) -> list[np.ndarray | ServingError]:
         """Decode under decoding.DecodePool's bounds. Admission comes first, before any pixel
         is decoded: the batcher's queue must have room for the images and the decode queue
-        must take them (else ``Unavailable``, the whole request). Each entry is the image or
-        its own error (``ImageError``, or 504 ``deadline`` when it was not decoded in time;
-        ``deadline`` defaults to the server's)."""
+        must take them (else ``Unavailable``, the whole request). Small images are decoded
+        on the event loop at once (``DecodePool.inline``), the others in the pool. Each entry
+        is the image or its own error (``ImageError``, or 504 ``deadline`` when it was not
+        decoded in time; ``deadline`` defaults to the server's)."""
         if not blobs:
             return []
         if deadline is None:
@@ -65,15 +79,23 @@ class Scorer:
             raise Unavailable(self.settings.reject_status, "queue full, retry later",
                               "queue_full", self.settings.retry_after_s)
         self.decoder.admit(len(blobs))
-        m = self.meta
-        try:
-            costs = await asyncio.to_thread(
-                lambda: [decode_cost(x, m.height, m.width, m.channels) for x in blobs])
-        except BaseException:
-            self.decoder.pending -= len(blobs)
-            raise
-        return list(await asyncio.gather(*(self.decoder.one(x, c, deadline)
-                                           for x, c in zip(blobs, costs))))
+        out: list[np.ndarray | ServingError | None] = [
+            self.decoder.inline(x, deadline) if i < INLINE_IMAGES else None
+            for i, x in enumerate(blobs)]
+        rest = [i for i, o in enumerate(out) if o is None]
+        if rest:
+            m = self.meta
+            try:
+                costs = await asyncio.to_thread(
+                    lambda: [decode_cost(blobs[i], m.height, m.width, m.channels) for i in rest])
+            except BaseException:
+                self.decoder.pending -= len(rest)
+                raise
+            decoded = await asyncio.gather(*(self.decoder.one(blobs[i], c, deadline)
+                                             for i, c in zip(rest, costs)))
+            for i, d in zip(rest, decoded):
+                out[i] = d
+        return [o for o in out if o is not None]
 
     async def run(self, images: list[np.ndarray], deadline: float) -> list[Row | ServingError]:
         """Queue decoded images; each entry is the raw output row (+timings) or an error."""
@@ -81,7 +103,7 @@ class Scorer:
             return []
         retry = self.settings.retry_after_s
         try:
-            futures = self.batcher.submit(images, deadline)
+            futures = self.batcher.submit(images, deadline, alone=self.alone())
         except QueueFull:
             raise Unavailable(self.settings.reject_status, "queue full, retry later",
                               "queue_full", retry) from None

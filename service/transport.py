@@ -70,6 +70,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": int(settings.drain_seconds) + 1,
+        "loop": settings.event_loop,
     }
 
 

@@ -73,13 +73,40 @@ async def test_decode_queue_admits_before_decoding(anyio_backend, slow_decode):
 
 
 async def test_deadline_covers_decoding(anyio_backend, slow_decode):
-    async with in_process() as c:
+    # the pool's path (a decode this slow is never inline: inline ones are small by bytes and
+    # by decode cost); the inline path's deadline check is the next test
+    async with in_process(inline_decode_bytes=0) as c:
         t0 = time.monotonic()
         r = await c.post("/score", content=SMALL,
                          headers={**PNG, "x-hopgate-deadline-ms": "150"})
         took = time.monotonic() - t0
     assert r.status_code == 504 and r.json()["results"][0]["error"]["reason"] == "deadline"
     assert took < 0.45  # answered at its deadline, not when the decode ended
+
+
+async def test_small_images_decode_inline_large_ones_in_the_pool(anyio_backend, monkeypatch):
+    """Issue 15: a small image is decoded on the event loop at once (no thread hand-off), a
+    large one (bytes over inline_decode_bytes, or decode cost over INLINE_COST) in the pool
+    under every bound; an inline image whose deadline has passed is 504 without decoding."""
+    pooled = []
+    real_one = decoding.DecodePool.one
+
+    async def one(self, blob, cost, deadline):
+        pooled.append(len(blob))
+        return await real_one(self, blob, cost, deadline)
+
+    monkeypatch.setattr(decoding.DecodePool, "one", one)
+    big = padded_png(SMALL, 80_000)  # same pixels, over 64 KiB of bytes
+    wide = _png(np.zeros((800, 800), np.uint8))  # few bytes, decode cost over INLINE_COST
+    async with in_process() as c:
+        for body in (SMALL, big, wide):
+            r = await c.post("/score", content=body, headers=PNG)
+            assert r.status_code == 200 and "score" in r.json()["results"][0]
+        assert pooled == [len(big), len(wide)]
+        scorer = c.app.state.scorer
+        late = await scorer.decode_all([SMALL], time.monotonic() - 1)
+        assert isinstance(late[0], Exception) and late[0].status == 504
+        assert scorer.decoder.pending == 0 and scorer.decoder.memory == 0
 
 
 async def test_an_image_over_the_decode_memory_budget_is_413_alone(anyio_backend):

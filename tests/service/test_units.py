@@ -81,6 +81,33 @@ def test_a_lone_request_is_flushed_at_once_and_padded_to_its_bucket():
     assert all(r[3] == 3 for r in rows)  # batch size before padding
 
 
+def test_a_lone_cheap_image_is_computed_inline_only_when_alone():
+    """Issue 15: the only request in the server, one image, cheaper than inline_ms: computed
+    on the event loop (its future is done on return from submit); otherwise the thread."""
+    async def go():
+        rt = FakeRuntime()
+        rt.single_s = 0.0005  # type: ignore[attr-defined]
+        metrics = Metrics([1, 2, 4], [0.0, 1.0])
+        b = Batcher(rt, metrics, [1, 2, 4], 64, 2, 1, inline_ms=2)  # type: ignore[arg-type]
+        b.start()
+        inline = b.submit(images(1), later(), alone=True)
+        done_at_once = inline[0].done()
+        threaded = b.submit(images(1, 5), later(), alone=False)
+        pair = b.submit(images(2, 7), later(), alone=True)  # two images: never inline
+        was_done = threaded[0].done() or pair[0].done()
+        rows = await asyncio.wait_for(asyncio.gather(*inline, *threaded, *pair), 5)
+        rt.single_s = 0.05  # type: ignore[attr-defined]  # dearer than inline_ms: the thread
+        dear = b.submit(images(1), later(), alone=True)
+        dear_done = dear[0].done()
+        await asyncio.wait_for(dear[0], 5)
+        b.close()
+        return done_at_once, was_done, dear_done, rows
+
+    done_at_once, was_done, dear_done, rows = run(go())
+    assert done_at_once and not was_done and not dear_done
+    assert [float(r[0]["score"]) for r in rows] == [0.0, 5.0, 7.0, 8.0]
+
+
 def test_images_accumulate_while_busy_and_big_requests_split_at_the_largest_bucket():
     async def go():
         rt = FakeRuntime(gated=True)
