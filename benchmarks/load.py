@@ -36,6 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hopgate.machine import cpu_name  # noqa: E402
 from hopgate.service.local import local_server  # noqa: E402
 from hopgate.service.runtime import Runtime  # noqa: E402
 
@@ -44,15 +45,7 @@ MAX_REQUESTS = 20_000  # hard cap per measurement, besides the time bound
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             "no GPU (CPUExecutionProvider)")
 
 

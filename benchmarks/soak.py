@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
 from heavy import padded_png, png16, reset_peak, rss_mb  # noqa: E402
 
+from hopgate.machine import cpu_name  # noqa: E402
 from hopgate.service.local import local_server  # noqa: E402
 
 PNG = {"content-type": "image/png"}
@@ -51,11 +52,9 @@ def small_pngs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
     mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
                if ln.startswith("MemTotal"))
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+    return {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(),
             "memory_gb": round(int(mem) / 2**20, 1), "python": platform.python_version(),
             "os": platform.platform(), "note": "cores shared with other jobs; loopback"}
 

@@ -51,6 +51,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hopgate.machine import cpu_name  # noqa: E402
 from hopgate.service.local import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,12 +80,7 @@ end
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU"
 
 
 def ensure_wrk() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from hopgate.machine import cpu_name
 from hopgate.model_export import data
 from hopgate.model_export.config import load_config
 from hopgate.model_export.outliers import auxiliary_outliers
@@ -37,10 +37,8 @@ PGD_STEPS = 10
 
 
 def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line),
-                   platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only"
+    return (f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            "CPU only")
 
 
 def clean_metrics(model, tau, id_imgs, ood_sets):
