@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,7 +33,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0)  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = Field(1, ge=0)
     ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime.py)
-    pad: str = "auto"  # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
+    # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
+    pad: Literal["auto", "bucket", "none"] = "auto"
     decode_threads: int = Field(2, ge=1)
     inline_decode_bytes: int = Field(64 * 1024, ge=0)  # smaller images decode on the loop
     workers: int = Field(1, ge=0)  # server processes on one port (0: one per usable core)
@@ -50,7 +52,8 @@ class Settings(BaseSettings):
     keepalive_timeout_s: int = Field(5, ge=1)  # an idle keep-alive connection is closed
     header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers (h11)
-    event_loop: str = "auto"  # uvicorn's loop: auto (uvloop when installed), asyncio, uvloop
+    # uvicorn's loop: auto (uvloop when installed), asyncio, uvloop
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # operations
     api_key: str | None = None
@@ -72,20 +75,6 @@ class Settings(BaseSettings):
     def _reject(cls, v: int) -> int:
         if v not in (429, 503):
             raise ValueError("reject_status must be 429 or 503")
-        return v
-
-    @field_validator("event_loop")
-    @classmethod
-    def _loop(cls, v: str) -> str:
-        if v not in ("auto", "asyncio", "uvloop"):
-            raise ValueError("event_loop must be auto, asyncio or uvloop")
-        return v
-
-    @field_validator("pad")
-    @classmethod
-    def _pad(cls, v: str) -> str:
-        if v not in ("auto", "bucket", "none"):
-            raise ValueError("pad must be auto, bucket or none")
         return v
 
     @field_validator("buckets")
