@@ -43,7 +43,10 @@ class Scorer:
         self.meta = runtime.meta
         m = runtime.meta
         self.decoder = DecodePool(settings, m.height, m.width, m.channels, m.resize)
-        self._model_info: ModelInfo | None = None
+        self._model_info = ModelInfo(  # the same for every answer: built once
+            name=m.name, version=m.model_version, provider=runtime.provider,
+            threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
+            hopgate_version=__version__)
         self.app_state: Any = None  # lifecycle.py sets it (its ``admission``: admission.py)
 
     def alone(self) -> bool:
@@ -52,15 +55,11 @@ class Scorer:
         return admission is not None and admission.active <= 1
 
     def model_info(self) -> ModelInfo:
-        if self._model_info is None:  # the same for every answer: built once
-            self._model_info = self._build_model_info()
         return self._model_info
 
-    def _build_model_info(self) -> ModelInfo:
-        m = self.meta
-        return ModelInfo(name=m.name, version=m.model_version, provider=self.runtime.provider,
-                         threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
-                         hopgate_version=__version__)
+    def _queue_full(self) -> Unavailable:
+        return Unavailable(self.settings.reject_status, "queue full, retry later", "queue_full",
+                           self.settings.retry_after_s)
 
     async def decode_all(self, blobs: list[bytes], deadline: float | None = None
                          ) -> list[np.ndarray | ServingError]:
@@ -76,8 +75,7 @@ class Scorer:
             deadline = time.monotonic() + self.settings.deadline_ms / 1000.0
         b = self.batcher
         if len(b.queue) + len(blobs) > b.capacity:
-            raise Unavailable(self.settings.reject_status, "queue full, retry later",
-                              "queue_full", self.settings.retry_after_s)
+            raise self._queue_full()
         self.decoder.admit(len(blobs))
         out: list[np.ndarray | ServingError | None] = [
             self.decoder.inline(x, deadline) if i < INLINE_IMAGES else None
@@ -105,8 +103,7 @@ class Scorer:
         try:
             futures = self.batcher.submit(images, deadline, alone=self.alone())
         except QueueFull:
-            raise Unavailable(self.settings.reject_status, "queue full, retry later",
-                              "queue_full", retry) from None
+            raise self._queue_full() from None
         except ShuttingDown:
             raise Unavailable(503, "shutting down", "shutdown", retry) from None
         await asyncio.wait(futures, timeout=max(deadline - time.monotonic(), 0))
