@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 FORMAT_VERSION = 1
 PREFIX = "hopgate."
@@ -48,6 +48,18 @@ OUTPUTS = (
 
 class BundleError(ValueError):
     """A file that is not a usable hopgate bundle; the message names what is wrong."""
+
+
+class MemoryExemplars(BaseModel):
+    """What each memory stands for: its class and a few training images retrieved to it with
+    the highest weight (``model_export.exemplars`` computes them by running the bundle itself).
+    Lists are in global memory order (class x M + memory); thumbnails are base64 PNG, at most
+    ``size`` pixels, best first; a memory no training image was retrieved to has none."""
+
+    source: str  # the images they were drawn from, e.g. "fashion_mnist train, 12000 images"
+    size: list[int]  # [height, width] bound of the thumbnails
+    classes: list[int]  # the class of each memory
+    images: list[list[str]]  # per memory: base64 PNG thumbnails
 
 
 class BundleMeta(BaseModel):
@@ -81,6 +93,7 @@ class BundleMeta(BaseModel):
     radius: float | None = None  # gaussian: the shift R
     rectified: bool = True
     feature_norm: float | None = None
+    exemplars: MemoryExemplars | None = None  # hopgate-export exemplars adds them
     # calibration
     threshold: float  # log-domain threshold tau = log(lambda); OOD iff score < tau
     target_tpr: float = Field(gt=0, lt=1)
@@ -89,6 +102,26 @@ class BundleMeta(BaseModel):
     # provenance
     data_fingerprint: str
     created: str
+
+    @model_validator(mode="after")
+    def _exemplars_cover_memories(self) -> BundleMeta:
+        e = self.exemplars
+        if e is not None and not len(e.classes) == len(e.images) == self.memory_count:
+            raise ValueError(f"exemplars: {len(e.classes)} classes and {len(e.images)} image "
+                             f"lists for {self.memory_count} memories")
+        return self
+
+    @property
+    def memory_count(self) -> int:
+        """Memories in the bundle: M per class, or M x classes in one shared bank."""
+        return len(self.class_names) * self.memories_per_class
+
+    def memory_class(self, index: int) -> int | None:
+        """The class a memory stands for: per-class banks know it; a shared bank's comes
+        from its exemplars (None without them)."""
+        if self.exemplars is not None:
+            return self.exemplars.classes[index]
+        return index // self.memories_per_class if self.bank == "per_class" else None
 
     def to_props(self) -> dict[str, str]:
         return {PREFIX + k: json.dumps(v) for k, v in self.model_dump().items()}

@@ -1,6 +1,11 @@
 """``hopgate-export``: train | fit | calibrate | export | build | evaluate | openset, from one
 config. ``openset`` writes the open-set benchmark's data and builds its model
-(``model_export.openset``)."""
+(``model_export.openset``). ``attach`` builds a gate for an existing classifier and takes its
+own arguments (``hopgate-export attach --help``, docs/attach.md).
+
+A mistake in the config, the data or the order of steps ends the command with one line that
+names the problem and the fix (exit 2); anything else with one line too (exit 1). ``--debug``
+shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ import sys
 import yaml
 
 from .config import ConfigError, load_config
+
+# errors whose message already names the problem and the fix: printed as they are, exit 2
+EXPECTED = {"ConfigError", "DataError", "ArtifactError", "BuildError", "VerdictError",
+            "ParityError"}
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -24,8 +33,14 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["attach"]:  # its own arguments: a gate for the user's classifier
+        from .attach_cli import main as attach
+
+        return attach(argv[1:])
     ap = argparse.ArgumentParser(prog="hopgate-export", description=__doc__)
-    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "build", "evaluate",
+    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "exemplars",
+                                        "build", "evaluate",
                                         "openset"])
     ap.add_argument("--config", "-c", help="YAML/JSON build config (default: built-in defaults)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
@@ -37,13 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with", dest="extra", action="append", default=[], metavar="CONFIG",
                     help="evaluate --report: also benchmark this config (open-set, EfficientNet)")
     ap.add_argument("--bootstrap", type=int, default=200, help="evaluate --report: resamples")
+    ap.add_argument("--no-card", action="store_true",
+                    help="build/export: skip the model card (and the evaluation it runs)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, _overrides(args.set))
-    except ConfigError as e:
-        print(f"hopgate-export: config error: {e}", file=sys.stderr)
-        return 2
+        return run(args, argv)
+    except Exception as e:  # one line, no traceback: the message says what to fix
+        if args.debug:
+            raise
+        names = {c.__name__ for c in type(e).__mro__}
+        text = " ".join(str(e).split()) or type(e).__name__
+        if names & EXPECTED:
+            kind = "config error" if "ConfigError" in names else "error"
+            print(f"hopgate-export: {kind}: {text}", file=sys.stderr)
+            return 2
+        print(f"hopgate-export: {type(e).__name__}: {text} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    cfg = load_config(args.config, _overrides(args.set))
     from . import pipeline  # torch is imported only once the config is known to be good
     from .splits import Sets
 
@@ -56,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate" and args.report:
         from .report import run_report
 
-        try:
-            extra = [load_config(c) for c in args.extra]
-        except ConfigError as e:
-            print(f"hopgate-export: config error: {e}", file=sys.stderr)
-            return 2
+        extra = [load_config(c) for c in args.extra]
         command = " ".join(["hopgate-export"] + (argv if argv is not None else sys.argv[1:]))
         report = run_report(cfg, args.report, extra, command=command, n_boot=args.bootstrap,
                             progress=progress)
@@ -72,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = (pipeline.build(cfg, progress, sets) if args.command == "build"
                   else pipeline.STEPS[args.command](cfg, progress, sets))
-        if args.command in ("build", "export"):  # every bundle gets its model card
+        if args.command in ("build", "export") and not args.no_card:  # the bundle's card
             from .card import write_card
             from .evaluate import quick_report
 
             exported = report["export"] if args.command == "build" else report
             card = write_card(cfg, exported, quick_report(cfg, progress, sets), args.config,
-                              report.get("seconds"))
+                              report.get("seconds"), args.set)
             print(f"[hopgate-export] model card {card}")
     if args.json:
         with open(args.json, "w") as f:

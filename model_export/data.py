@@ -96,15 +96,23 @@ def image_folder(root: str | Path, size: tuple[int, int], channels: int,
                  mode: str = "stretch") -> Split:
     """A folder with one sub-folder per class (sorted names are the class names)."""
     root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        raise DataError(f"folder:{root}: no such folder; point data.id (or data.test) at a "
+                        "folder with one sub-folder of images per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise DataError(f"{root}: expected one sub-folder per class with images inside")
+        raise DataError(f"folder:{root}: no sub-folders; put each class's images in a "
+                        "sub-folder named after the class")
     images, labels = [], []
     for c, name in enumerate(classes):
         for p in sorted((root / name).iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(p) as im:
-                    images.append(resize(im, size, channels, mode))
+                try:
+                    with Image.open(p) as im:
+                        images.append(resize(im, size, channels, mode))
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    raise DataError(f"{p}: not a readable image ({type(e).__name__}: {e}); "
+                                    "replace or remove the file") from None
                 labels.append(c)
     if not images:
         raise DataError(f"{root}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
@@ -114,7 +122,15 @@ def image_folder(root: str | Path, size: tuple[int, int], channels: int,
 def npz_arrays(path: str | Path) -> Split:
     """An ``.npz`` with ``images`` (uint8 [N,H,W] or [N,H,W,C]) and ``labels``; optional
     ``class_names``."""
-    with np.load(path, allow_pickle=False) as z:
+    if not Path(path).is_file():
+        raise DataError(f"npz:{path}: no such file; point data.id (or data.test) at an .npz with "
+                        "arrays images (uint8 [N,H,W] or [N,H,W,C]) and labels")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"npz:{path}: not a readable .npz ({e}); write it with numpy.savez("
+                        "path, images=..., labels=...)") from None
+    with z:
         missing = {"images", "labels"} - set(z.files)
         if missing:
             raise DataError(f"{path}: missing arrays {sorted(missing)} (has {z.files})")

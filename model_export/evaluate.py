@@ -42,10 +42,12 @@ def served_table(cfg: BuildConfig, model: GatedModel, calib: dict, test: Split,
 def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None,
                  served_limit: int | None = 2000) -> dict:
     sets = sets or Sets(cfg)
-    model, calib = load_model(cfg)
-    test = sets.test
-    id_scores, pred = torch_scores(model, test.images, progress, "ID test")
+    model, calib = load_model(cfg, calibrated=True)
+    # no test split (data.test: null): the calibration hold-out stands in, and the report says so
+    test, id_set = (sets.test, "test") if sets.test is not None else (sets.holdout, "hold-out")
+    id_scores, pred = torch_scores(model, test.images, progress, f"ID {id_set}")
     report = {
+        "id_set": id_set,
         "test_accuracy": float((pred == test.labels).mean()),
         "threshold": calib["threshold"],
         "target_tpr": calib["target_tpr"],
@@ -62,8 +64,10 @@ def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = No
 
 
 def format_quick(report: dict) -> str:
-    lines = [f"ID test accuracy {report['test_accuracy']:.4f}; threshold {report['threshold']:.3f} "
-             f"accepts {report['test_tpr']:.4f} of ID test (target {report['target_tpr']})",
+    id_set = report.get("id_set", "test")
+    lines = [f"ID {id_set} accuracy {report['test_accuracy']:.4f}; threshold "
+             f"{report['threshold']:.3f} accepts {report['test_tpr']:.4f} of ID {id_set} "
+             f"(target {report['target_tpr']})",
              "| OOD set | n | AUROC | FPR95 (OOD accepted @ 95% ID kept) "
              "| flagged OOD at threshold |",
              "|---|---|---|---|---|"]
@@ -71,6 +75,8 @@ def format_quick(report: dict) -> str:
         lines.append(f"| {name} | {m['n']} | {m['auroc']:.4f} | {m['fpr95_ood_accepted']:.4f} | "
                      f"{m['flagged_ood']:.4f} |")
     if report.get("encodings"):
-        lines += ["", "Unseen ID test images as clients send them (service decode + resize):", ""]
+        seen = ("Unseen ID test images" if report.get("id_set", "test") == "test"
+                else "ID hold-out images")
+        lines += ["", f"{seen} as clients send them (service decode + resize):", ""]
         lines += format_table(report["encodings"], report["target_tpr"])
     return "\n".join(lines)

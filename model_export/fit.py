@@ -37,17 +37,17 @@ class FitConfig:
     beta: float = 5.0
     samples: int = 5
     init_norm: float = 10.0
-    epochs: int = 50
+    epochs: int = 5
     batch_size: int = 50
     lr: float = 1e-3
     sampler: Sampler = "probs"
     weights: Weights = "log"
-    init: Init = "sample"
+    init: Init = "kmeans"
     lagrangian: Lagrangian = "lse"  # the encoder p(mu|x) = softmax(a) of this Lagrangian
     power_n: int = 2
     geometry: Geometry = "dot"  # gaussian: a = -beta/2 |x - xi|^2 on whitened features
-    shrinkage: float = 0.0
-    kmeans_n_init: int = 1
+    shrinkage: float | None = None
+    kmeans_n_init: int = 4
 
 
 def encoder_logits(x: torch.Tensor, xi: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
@@ -138,15 +138,22 @@ def fit_banks(features: torch.Tensor, labels: torch.Tensor, num_classes: int, cf
 
 
 def fit_whitener(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 shrinkage: float | None = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean (D,), W (D, D)), z = (x - mean) W, W = S^-1/2 of the tied within-class covariance
-    of ``x`` (the correctly classified training features), shrunk towards tr(S)/D I."""
+    of ``x`` (the correctly classified training features), shrunk towards tr(S)/D I by
+    ``shrinkage``; None = Ledoit-Wolf's estimate of it (about 0 on Fashion-MNIST's 50k
+    features; large on a few hundred, where the raw inverse blows noise directions up and the
+    hold-out lands thousands of units below the training features: issue 16)."""
     x = x.double()
     means = torch.stack([x[labels == k].mean(0) if (labels == k).any() else x.mean(0)
                          for k in range(num_classes)])
     centred = x - means[labels]
     sigma = centred.T @ centred / len(x)
     d = sigma.shape[0]
+    if shrinkage is None:
+        from sklearn.covariance import ledoit_wolf_shrinkage
+
+        shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
     eye = torch.eye(d, dtype=x.dtype)
     s = (1 - shrinkage) * sigma + shrinkage * (torch.trace(sigma) / d) * eye
     evals, evecs = torch.linalg.eigh(s)

@@ -25,32 +25,48 @@ from .calibrate import (
     quantile_table,
     threshold_at_tpr,
 )
-from .clientpath import calibration_images
+from .clientpath import calibration_images, simulate
 from .config import BuildConfig
+from .exemplars import step_exemplars
 from .export import check_parity, export_onnx
 from .fit import fit_memory
 from .recipe import bundle_meta, fit_settings, load_backbone, load_model, make_backbone
 from .reclag import prepare_features
 from .splits import Sets
-from .train import extract, train_classifier
+from .train import extract, plan, train_classifier
 
 
 def log(msg: str) -> None:
     print(f"[hopgate-export] {msg}", flush=True)
 
 
+def warn(msg: str) -> None:
+    print(f"[hopgate-export] warning: {msg}", flush=True)
+
+
+class BuildError(RuntimeError):
+    """A step cannot go on with what the previous one made; the message says what to change."""
+
+
+# below these, a split is too small for what it feeds (issue 16): say so, with the fix
+MIN_CALIBRATION = 200
+
+
 # --- steps -------------------------------------------------------------------------------
 
 def step_train(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
     sets = sets or Sets(cfg)
-    train = sets.train
+    train, test = sets.train, sets.test  # the test set is checked (same classes) before training
     torch.manual_seed(cfg.seed)  # the backbone's init: the same config gives the same bundle
     net, norm = make_backbone(cfg, len(train.class_names))
     b = cfg.backbone
     t0 = time.time()
+    batch, epochs, notes = plan(len(train), b.batch_size, b.epochs)
     if b.method == "plain":
-        log(f"train {b.name} on {len(train)} images, {b.epochs} epochs")
-        history = train_classifier(net, norm, train, epochs=b.epochs, batch_size=b.batch_size,
+        for note in notes:
+            log(note)
+        log(f"train {b.name} on {len(train)} images, {epochs} epochs, batch {batch}")
+        history = train_classifier(net, norm, train, epochs=epochs, batch_size=batch,
                                    lr=b.lr, seed=cfg.seed, augment_images=b.augment,
                                    client_path=b.client_path, progress=progress)
     else:  # GReg / GReg+ : energy-regularised OOD training (model_export.greg)
@@ -60,8 +76,8 @@ def step_train(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None
         log(f"{b.method} on {b.name} ({'from ' + str(g.init) if g.init else 'from scratch'}), "
             f"{g.epochs} epochs")
         history = train_greg(net, norm, train, cfg, progress=progress)
-    report = {"train_loss": history, "seconds": round(time.time() - t0, 1)}
-    test = sets.test
+    report = {"train_loss": history, "epochs": epochs if b.method == "plain" else cfg.greg.epochs,
+              "seconds": round(time.time() - t0, 1)}
     if test is not None:
         _, logits = extract(net, norm, test.images, progress=progress, desc="test accuracy")
         report["test_accuracy"] = float((logits.argmax(1).numpy() == test.labels).mean())
@@ -79,6 +95,11 @@ def step_fit(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) 
     phi, logits = extract(net, norm, train.images, progress=progress, desc="train features")
     labels = torch.from_numpy(train.labels)
     right = logits.argmax(1) == labels  # official: correctly classified samples only
+    empty = [n for c, n in enumerate(train.class_names) if not bool(right[labels == c].any())]
+    if empty:
+        raise BuildError(f"the classifier gets no training image of class {empty[0]!r} right "
+                         f"({len(empty)} such classes), so there is nothing to fit its memories "
+                         "on: train longer (backbone.epochs) or check that class's images")
     m = cfg.memory
     log(f"fit {m.bank} {m.geometry} banks: {m.memories} memories/class, beta {m.beta}, "
         f"{m.epochs} epochs, {int(right.sum())} features")
@@ -101,6 +122,10 @@ def step_calibrate(cfg: BuildConfig, progress: bool = True, sets: Sets | None = 
                               desc="calibration scores")
         scores = model.head.score(phi, logits).numpy()  # the deciding score
     c = cfg.calibrate
+    if len(scores) < MIN_CALIBRATION:
+        warn(f"calibration on {len(scores)} held-out images (under {MIN_CALIBRATION}): "
+             f"p-values cannot go below 1/(n+1) = {1 / (len(scores) + 1):.3f} and the threshold "
+             "is coarse; add images or raise data.holdout_fraction")
     tau = threshold_at_tpr(scores, c.target_tpr)
     check_floor(tau, model.head.floor())  # else the clamp, not tau, would decide
     with torch.no_grad():  # one verdict: the graph's flag is score < tau on every image
@@ -117,14 +142,15 @@ def step_calibrate(cfg: BuildConfig, progress: bool = True, sets: Sets | None = 
 
 def step_export(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:
     sets = sets or Sets(cfg)
-    model, calib = load_model(cfg)
-    if "threshold" not in calib:
-        raise RuntimeError(f"{cfg.workdir}/calibration.json missing: run `calibrate` first")
+    model, calib = load_model(cfg, calibrated=True)
     meta = bundle_meta(cfg, model, calib)
     t0 = time.time()
     path = export_onnx(model, meta, cfg.output, cfg.export.opset)
     log(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
     images = parity_images(cfg, sets)
+    if len(images) < cfg.export.parity_images:
+        warn(f"parity check on {len(images)} images, fewer than export.parity_images "
+             f"{cfg.export.parity_images}")
     report = check_parity(model, path, images, meta.threshold)
     log(f"parity ok on {report['images']} images "
         f"(max |d score| {report['max_score_abs_diff']:.2e})")
@@ -132,15 +158,24 @@ def step_export(cfg: BuildConfig, progress: bool = True, sets: Sets | None = Non
 
 
 def parity_images(cfg: BuildConfig, sets: Sets) -> np.ndarray:
-    """Real images for the parity gate: held-out ID plus far-OOD, so both verdicts occur."""
+    """Real images for the parity gate: held-out ID plus far-OOD, so both verdicts occur;
+    ``export.parity_images`` of them. A small hold-out is topped up with client-path copies of
+    its images (``clientpath.simulate``: ID-like, not identical), so the count is met."""
     holdout = sets.holdout
     n = cfg.export.parity_images
     ood = sets.far_ood
     ood_imgs = np.concatenate([v[: max(n // 10, 1)] for v in ood.values()])
-    return np.concatenate([holdout.images[: max(n - len(ood_imgs), n // 2)], ood_imgs])
+    ids = holdout.images[: max(n - len(ood_imgs), n // 2)]
+    missing = n - len(ids) - len(ood_imgs)
+    if missing > 0 and len(ids):
+        rng = np.random.default_rng([cfg.seed, 16])
+        ids = np.concatenate([ids, simulate(ids[rng.integers(0, len(ids), missing)], rng,
+                                            cfg.data.resize)])
+    return np.concatenate([ids, ood_imgs])
 
 
 STEPS = {"train": step_train, "fit": step_fit, "calibrate": step_calibrate, "export": step_export}
+STEPS["exemplars"] = step_exemplars  # each memory's class and training images (exemplars.py)
 
 
 def build(cfg: BuildConfig, progress: bool = True, sets: Sets | None = None) -> dict:

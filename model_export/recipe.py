@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from hopgate import __version__
 from hopgate.bundle import BundleMeta
 
 from . import backbones
+from .attach_config import AttachConfig
 from .config import BuildConfig, MemoryConfig
 from .fit import FitConfig
 from .model import GatedModel, Normalize
@@ -68,39 +70,81 @@ def backbone_label(cfg: BuildConfig) -> str:
     return b.name + ("" if b.method == "plain" else f"+{b.method}")
 
 
+class ArtifactError(FileNotFoundError):
+    """A step's input artifact is missing from the work dir; the message names the step."""
+
+
+# each work-dir artifact and the step that writes it
+MADE_BY = {"backbone.pt": "train", "memory.pt": "fit", "calibration.json": "calibrate"}
+
+
+def artifact(cfg: BuildConfig, name: str) -> Path:
+    """``workdir/name``, or ArtifactError saying which step to run first."""
+    path = cfg.workdir / name
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: run `hopgate-export {MADE_BY[name]}` with this "
+                            "config first (or `hopgate-export build`, which runs every step)")
+    return path
+
+
 def load_backbone(cfg: BuildConfig):
     """(backbone in eval mode, Normalize, checkpoint dict) from ``workdir/backbone.pt``."""
-    ckpt = torch.load(cfg.workdir / "backbone.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(artifact(cfg, "backbone.pt"), map_location="cpu", weights_only=False)
     net, norm = make_backbone(cfg, len(ckpt["class_names"]))
     net.load_state_dict(ckpt["state_dict"])
     return net.eval(), norm, ckpt
 
 
-def load_model(cfg: BuildConfig) -> tuple[GatedModel, dict]:
-    """The full GatedModel from the work dir, plus the calibration record (if any)."""
+def load_model(cfg: BuildConfig, calibrated: bool = False) -> tuple[GatedModel, dict]:
+    """The full GatedModel from the work dir, plus the calibration record (if any; required
+    when ``calibrated``)."""
     net, norm, ckpt = load_backbone(cfg)
-    mem = torch.load(cfg.workdir / "memory.pt", map_location="cpu", weights_only=True)
+    mem = torch.load(artifact(cfg, "memory.pt"), map_location="cpu", weights_only=True)
     head = head_from_memory(cfg.memory, mem)
     calib_path = cfg.workdir / "calibration.json"
+    if calibrated:
+        artifact(cfg, "calibration.json")
     calib = json.loads(calib_path.read_text()) if calib_path.exists() else {}
     return GatedModel(norm, net, head).eval(), {**calib, "ckpt": ckpt}
 
 
+def _memory_meta(m: MemoryConfig, head: RecLagHead) -> dict:
+    """The bundle's memory settings, the same for a built and an attached bundle (top_k as
+    the head clamps it to the bank)."""
+    return dict(method=method_of(m), lagrangian=m.lagrangian,
+                power_n=m.power_n if m.lagrangian == "rep_n" else None, beta=m.beta,
+                bank=m.bank, memories_per_class=m.memories, steps=m.steps, top_k=head.top_k,
+                geometry=m.geometry, radius=head.radius, rectified=m.rectified,
+                feature_norm=m.feature_norm,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
 def bundle_meta(cfg: BuildConfig, model: GatedModel, calib: dict) -> BundleMeta:
-    m, ckpt = cfg.memory, calib["ckpt"]
+    ckpt = calib["ckpt"]
     return BundleMeta(
         hopgate_version=__version__, name=cfg.name,
         model_version=f"{cfg.name}-{ckpt['fingerprint'][:8]}-s{cfg.seed}",
         height=cfg.data.size[0], width=cfg.data.size[1], channels=cfg.data.channels,
         resize=cfg.data.resize, mean=model.normalize.mean.flatten().tolist(),
         std=model.normalize.std.flatten().tolist(), class_names=ckpt["class_names"],
-        backbone=backbone_label(cfg), method=method_of(m), lagrangian=m.lagrangian,
-        power_n=m.power_n if m.lagrangian == "rep_n" else None,
-        beta=m.beta, bank=m.bank, memories_per_class=m.memories, steps=m.steps, top_k=m.top_k,
-        geometry=m.geometry, radius=model.head.radius, rectified=m.rectified,
-        feature_norm=m.feature_norm,
+        backbone=backbone_label(cfg), **_memory_meta(cfg.memory, model.head),
         threshold=calib["threshold"], target_tpr=calib["target_tpr"],
         score_quantiles=calib["score_quantiles"], calibration_size=calib["calibration_size"],
         data_fingerprint=ckpt["fingerprint"],
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def attached_meta(cfg: AttachConfig, classifier: str, class_names: list[str], head: RecLagHead,
+                  threshold: float, quantiles: list[float], calibration_size: int,
+                  fingerprint: str) -> BundleMeta:
+    """The metadata of a bundle composed on a user's classifier (attach.py)."""
+    pre = cfg.preprocess
+    return BundleMeta(
+        hopgate_version=__version__, name=cfg.name,
+        model_version=f"{cfg.name}-{fingerprint[:8]}-s{cfg.seed}",
+        height=pre.size[0], width=pre.size[1], channels=pre.channels, resize=pre.resize,
+        mean=pre.mean, std=pre.std, class_names=class_names, backbone=f"attached:{classifier}",
+        **_memory_meta(cfg.memory, head),
+        threshold=threshold, target_tpr=cfg.calibrate.target_tpr, score_quantiles=quantiles,
+        calibration_size=calibration_size, data_fingerprint=fingerprint,
     )

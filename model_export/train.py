@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,27 @@ from tqdm.auto import tqdm
 from .clientpath import simulate
 from .data import Split
 from .model import Normalize
+
+# Small data (a few hundred images) needs more epochs than Fashion-MNIST's 4 to train at all:
+# auto epochs give at least this many optimiser steps; each epoch at least STEPS_PER_EPOCH.
+MIN_STEPS = 120
+STEPS_PER_EPOCH = 8
+
+
+def plan(n: int, batch_size: int, epochs: int | None) -> tuple[int, int, list[str]]:
+    """(batch, epochs, notes) for ``n`` training images: the batch clamps to the data (at most
+    1/STEPS_PER_EPOCH of it, at least 1: a batch larger than the data trained nothing, issue
+    16), ``epochs=None`` means max(4, enough for MIN_STEPS steps). ``notes`` say what changed."""
+    notes = []
+    batch = max(1, min(batch_size, n // STEPS_PER_EPOCH))
+    if batch < batch_size:
+        notes.append(f"batch_size {batch_size} clamped to {batch} for {n} training images "
+                     f"({n // batch} steps an epoch)")
+    if epochs is None:
+        epochs = max(4, math.ceil(MIN_STEPS / max(n // batch, 1)))
+        if epochs > 4:
+            notes.append(f"epochs: auto = {epochs} (at least {MIN_STEPS} steps on small data)")
+    return batch, epochs, notes
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -37,7 +60,11 @@ def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int
     params = [p for n, p in backbone.named_parameters()
               if p.requires_grad and (prefix is None or n.startswith(prefix))]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = epochs * (len(data) // batch_size)
+    per_epoch = len(data) // batch_size
+    if epochs and not per_epoch:
+        raise ValueError(f"batch_size {batch_size} > {len(data)} training images: no step "
+                         "would train (train.plan clamps it)")
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     frozen = prefix is not None
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
@@ -45,13 +72,13 @@ def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int
         images, _ = extract(backbone, normalize, data.images, progress=progress,
                             desc="frozen features")
     history = []
+    # one bar over every step of every epoch: its time left is the whole training's
+    bar = tqdm(total=steps, desc="train", disable=not progress, leave=False)
     for epoch in range(epochs):
         backbone.train()
         order = torch.randperm(len(data), generator=gen)
         losses = []
-        bar = tqdm(range(len(data) // batch_size), desc=f"train epoch {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False)
-        for i in bar:
+        for i in range(per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
             if frozen:
                 logits = backbone.fc(images[idx])
@@ -69,8 +96,10 @@ def train_classifier(backbone, normalize: Normalize, data: Split, *, epochs: int
             opt.step()
             sched.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{np.mean(losses[-50:]):.3f}")
         history.append(float(np.mean(losses)))
+    bar.close()
     backbone.eval()
     return history
 

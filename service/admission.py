@@ -2,7 +2,7 @@
 
 One pure ASGI middleware (installed by lifecycle.init_state, inside app.py's envelope, so its
 answers are counted and logged like any other) in front of the scoring routes (``POST
-/score`` and ``POST /v2/models/...``):
+/score``, ``POST /v2/models/...`` and the sidecar's proxied routes, ``proxy_routes``):
 
   * draining (after SIGTERM): a new request is answered 503 ``shutdown`` at once (the
     envelope adds ``Connection: close``); a request admitted before the signal is marked
@@ -62,6 +62,7 @@ class Admission:
         self.active = 0  # admitted scoring requests not yet answered
         self.idle = asyncio.Event()
         self.idle.set()
+        self.proxied = frozenset(settings.proxy_routes)
         app_state.admission = self
 
     def _busy(self) -> Unavailable:
@@ -71,8 +72,9 @@ class Admission:
                            s.retry_after_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope.get("method") != "POST"
-                or not SCORED.match(scope.get("path", ""))):
+        if scope["type"] != "http" or not (
+                (scope.get("method") == "POST" and SCORED.match(scope.get("path", "")))
+                or scope.get("path") in self.proxied):
             return await self.app(scope, receive, send)
         if self.app_state.draining:
             s = self.settings

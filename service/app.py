@@ -8,7 +8,15 @@
     exception that escapes a route is answered 500 ``internal``, counted and logged with its
     traceback and request id (never its message: it may hold paths or object reprs);
   * errors: one body shape, FastAPI's own included (errors.install_handlers);
-  * routes: /score (routes_score.py), health/readiness/metrics (routes_ops.py), V2 (v2.py).
+  * routes: /score (routes_score.py), health/readiness/metrics (routes_ops.py), V2 (v2.py),
+    /memories (routes_memories.py), the web page and offline /docs (page.py: the page and
+    its files need no API key),
+    the classifier's own routes in sidecar mode (proxy.py, ``HOPGATE_PROXY_ROUTES``);
+  * counted (``hopgate_requests_total``, the access log): /score, V2 models, proxied routes;
+    404 and 405 are always ``not_found`` / ``method_not_allowed``, an answer with no reason
+    recorded is ``ok`` below 400, ``bad_input`` for another 4xx, ``internal`` for a 5xx. The
+    access log line carries the request's verdict (``ood``, ``id``, ``mixed`` or null when no
+    image was scored) with its ``ood_images`` and the bundle's ``model_version``.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ from starlette.datastructures import State
 
 from hopgate import __version__
 
-from . import routes_ops, routes_score, v2
+from . import page, proxy, routes_memories, routes_ops, routes_score, v2
 from .config import Settings
 from .errors import V2_PREFIX, ClientError, error_response, install_handlers, internal_error
 from .imaging import set_pillow_limit
 from .lifecycle import init_state, lifespan
+from .metrics import request_verdicts
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -78,9 +87,34 @@ def _request_id(headers: dict[bytes, bytes]) -> str:
     return given if REQUEST_ID.fullmatch(given) else new_request_id()
 
 
-def _counted(path: str) -> bool:
+def _counted(path: str, proxied: frozenset[str] = frozenset()) -> bool:
     """Requests that count in hopgate_requests_total and the access log."""
-    return path == "/score" or path.startswith("/v2/models")
+    return path == "/score" or path.startswith("/v2/models") or path in proxied
+
+
+_BY_STATUS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _reason(recorded: str | None, status: int) -> str:
+    """The reason label: 404/405 by their status, else what the route recorded, else by the
+    status class (an unrecorded 4xx is the client's, not ``internal``)."""
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if recorded:
+        return recorded
+    return "ok" if status < 400 else "bad_input" if status < 500 else "internal"
+
+
+def _verdict(tally: list[bool]) -> str | None:
+    if not tally:
+        return None
+    return "ood" if all(tally) else "mixed" if any(tally) else "id"
+
+
+def _model_version(app_state: State, state: dict[str, Any]) -> str | None:
+    """The version of the bundle this request was pinned to (lifecycle.Pin), else serving."""
+    scorer = state.get("scorer") or getattr(app_state, "scorer", None)
+    return getattr(getattr(scorer, "meta", None), "model_version", None)
 
 
 class Envelope:
@@ -92,6 +126,7 @@ class Envelope:
     def __init__(self, app: ASGIApp, app_state: State, settings: Settings):
         self.app, self.state, self.settings = app, app_state, settings
         self.api_key = (settings.resolved_api_key() or "").encode()
+        self.proxied = frozenset(settings.proxy_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +142,8 @@ class Envelope:
         v2_path = path.startswith(V2_PREFIX)
         status = 500
         started = False
+        tally: list[bool] = []
+        verdicts = request_verdicts.set(tally)  # Metrics.verdict appends this request's
 
         async def wrapped(message: Message) -> None:
             nonlocal status, started
@@ -118,7 +155,7 @@ class Envelope:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        if (self.api_key and not path.startswith(EXEMPT)
+        if (self.api_key and not path.startswith(EXEMPT) and not page.public(path)
                 and not hmac.compare_digest(_given_key(headers).encode(), self.api_key)):
             state["reason"] = "unauthorized"
             await error_response(ClientError(401, "missing or wrong API key", "unauthorized"),
@@ -133,9 +170,10 @@ class Envelope:
                 if started:  # too late for an answer: the server closes the connection
                     raise
                 await error_response(internal_error(), v2=v2_path)(scope, receive, wrapped)
-        if _counted(path):
+        request_verdicts.reset(verdicts)
+        if _counted(path, self.proxied):
             elapsed = time.perf_counter() - t0
-            reason = state["reason"] or ("ok" if status < 400 else "internal")
+            reason = _reason(state["reason"], status)
             metrics = getattr(app_state, "metrics", None)
             if metrics is not None:
                 metrics.requests.labels(str(status), reason).inc()
@@ -143,7 +181,9 @@ class Envelope:
             if self.settings.log_requests:
                 log.info("access", extra={"access": {
                     "request_id": rid, "method": scope["method"], "path": path,
-                    "status": status, "reason": state["reason"], "images": state["images"],
+                    "status": status, "reason": reason, "images": state["images"],
+                    "verdict": _verdict(tally), "ood_images": sum(tally),
+                    "model_version": _model_version(app_state, state),
                     "ms": round(elapsed * 1e3, 3)}})
 
 
@@ -151,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     set_pillow_limit(settings.max_pixels)
     app = FastAPI(title="hopgate", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # page.py serves /docs offline
                   description="OOD gatekeeper: RecLag modern-Hopfield memories on onnxruntime.")
     init_state(app, settings)
     app.add_middleware(Envelope, app_state=app.state, settings=settings)  # outside Admission
@@ -158,4 +199,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_score.router)
     app.include_router(routes_ops.router)
     app.include_router(v2.router)
+    app.include_router(routes_memories.router)
+    page.install(app)  # /, /docs (offline), /static
+    own = {getattr(r, "path", None) for r in app.routes}
+    for path in settings.proxy_routes:  # the classifier's own routes (sidecar mode)
+        if path in own:
+            raise ValueError(f"proxy route {path} is one of hopgate's own routes")
+        app.add_api_route(path, proxy.proxy, methods=settings.proxy_methods,
+                          include_in_schema=False)
     return app

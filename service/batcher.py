@@ -14,6 +14,8 @@ Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
   * The queue is bounded in images: a request that does not fit is rejected at once
     (``QueueFull``), never parked.
   * Expired items are dropped when a batch is formed: they never reach the runtime.
+  * A batch holds one threshold (``log_lambda``, a scalar graph input: threshold.py): it takes
+    the queued items of its first item's threshold, the others keep their place.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Item:
     image: np.ndarray
     deadline: float  # time.monotonic()
     future: asyncio.Future
+    log_lambda: float | None = None  # the request's threshold; None: the bundle's
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -72,8 +75,8 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def submit(self, images: list[np.ndarray], deadline: float, alone: bool = False
-               ) -> list[asyncio.Future]:
+    def submit(self, images: list[np.ndarray], deadline: float, alone: bool = False,
+               log_lambda: float | None = None) -> list[asyncio.Future]:
         """Queue images (all or none); returns one future per image. ``alone``: no other
         request is in the server, so a single cheap image may be computed right here."""
         if self.closed:
@@ -81,7 +84,7 @@ class Batcher:
         if len(self.queue) + len(images) > self.capacity:
             raise QueueFull()
         loop = asyncio.get_running_loop()
-        items = [Item(img, deadline, loop.create_future()) for img in images]
+        items = [Item(img, deadline, loop.create_future(), log_lambda) for img in images]
         self.queue.extend(items)
         self._idle.clear()
         if self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1 and (
@@ -100,6 +103,7 @@ class Batcher:
     def _take(self) -> list[Item]:
         now = time.monotonic()
         batch: list[Item] = []
+        other: list[Item] = []  # another threshold: stays queued, in order
         while self.queue and len(batch) < self.max_batch:
             item = self.queue.popleft()
             if item.future.done():  # the request went away (deadline reached while queued)
@@ -107,7 +111,11 @@ class Batcher:
             if item.deadline <= now:
                 item.future.set_exception(DeadlineExceeded())
                 continue
+            if batch and item.log_lambda != batch[0].log_lambda:
+                other.append(item)
+                continue
             batch.append(item)
+        self.queue.extendleft(reversed(other))
         self.metrics.queue_depth.set(len(self.queue))
         return batch
 
@@ -148,7 +156,8 @@ class Batcher:
         self.metrics.queue_wait.observe(started - batch[0].enqueued)
         self.metrics.batch_size.observe(1)
         try:
-            fut.set_result(self.runtime.run(batch[0].image[None], self._bucket(1)))
+            fut.set_result(self.runtime.run(batch[0].image[None], self._bucket(1),
+                                            batch[0].log_lambda))
         except Exception as e:
             fut.set_exception(e)
         self._finish(fut, batch, started)
@@ -169,7 +178,7 @@ class Batcher:
         try:
             images = np.stack([i.image for i in batch])
             fut = asyncio.get_running_loop().run_in_executor(
-                self._pool, self.runtime.run, images, self._bucket(n))
+                self._pool, self.runtime.run, images, self._bucket(n), batch[0].log_lambda)
         except Exception as e:  # e.g. the pool is shut down: the batch fails, the loop goes on
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             done.set_exception(e)

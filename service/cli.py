@@ -6,6 +6,9 @@ admission.py) is answered normally (at most ``drain_seconds``), then uvicorn exi
 signal exits at once. Connection limits and timeouts come from transport.py. With
 ``HOPGATE_WORKERS`` > 1 (0: one per core) it supervises that many such servers on one port
 (workers.py).
+
+A bad setting or bundle ends the command with one line naming the variable or file and the fix
+(exit 2); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from hopgate.bundle import BundleError
 
@@ -89,16 +95,53 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+ENV_PREFIX = "HOPGATE_"
+FLAGS = {"host": "--host", "port": "--port", "model": "--model"}
+
+
+def _as_json(value: str) -> str:
+    """The JSON list a comma-separated value probably meant: 1,2,4 -> [1,2,4]."""
+    items = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    try:
+        return json.dumps([int(v) for v in items], separators=(",", ":"))
+    except ValueError:
+        return json.dumps(items, separators=(",", ":"))
+
+
+def settings_problem(e: ValidationError | SettingsError, flags: dict[str, object]) -> str:
+    """One line per bad setting: where it came from (variable or flag), what is wrong, the fix."""
+    if isinstance(e, SettingsError):  # a list/dict variable that is not JSON
+        field = str(e).split('"')[1] if '"' in str(e) else "?"
+        env = ENV_PREFIX + field.upper()
+        value = os.environ.get(env, "")
+        return (f"{env}={value!r} is not valid JSON: this setting is a list, write it as JSON, "
+                f"e.g. {env}='{_as_json(value)}'")
+    problems = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        where = FLAGS[field] if field in flags else ENV_PREFIX + field.upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}={err.get('input')!r}: {msg}")
+    return "; ".join(problems) + " (settings: docs/serving.md)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hopgate-serve", description=__doc__)
     ap.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     ap.add_argument("--port", type=int, help="port (default 8000)")
     ap.add_argument("--model", help="bundle path (default: the bundled models/default.onnx)")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
     args = ap.parse_args(argv)
     flags = {"host": args.host, "port": args.port, "model": args.model}
     overrides = {k: v for k, v in flags.items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except (ValidationError, SettingsError) as e:
+        if args.debug:
+            raise
+        print(f"hopgate-serve: setting error: {settings_problem(e, overrides)}", file=sys.stderr)
+        return 2
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(20.0, ge=0)  # longest wait for accepted work after SIGTERM
     drain_quiet_seconds: float = Field(0.5, ge=0)  # ... and until no request came for this long
     log_requests: bool = True
+    reload_poll_s: float = Field(0.0, ge=0)  # reload when the bundle file changes (0: off)
 
     # gatekeeper mode (service/gate.py): forward ID images to this upstream classifier
     upstream_url: str | None = None
@@ -69,6 +70,27 @@ class Settings(BaseSettings):
     upstream_policy: str = "fail_closed"  # fail_open | fail_closed
     gate_ood_status: int = Field(422, ge=200, le=599)
     gate_ood_body: str = ""  # JSON object merged into OOD answers
+    # transparent sidecar (service/proxy.py): the classifier's own routes, proxied through
+    proxy_routes: list[str] = []  # exact paths, e.g. ["/predict"]
+    proxy_methods: list[str] = ["POST"]
+    gate_mode: Literal["enforce", "shadow"] = "enforce"  # shadow: forward all, only label
+    proxy_unscored: Literal["refuse", "pass"] = "refuse"  # a body with no image in it
+
+    # drift of served scores against the bundle's calibration table (service/drift.py)
+    drift_window: int = Field(1000, ge=10)  # the last N scores
+    drift_every: int = Field(50, ge=1)  # gauges recomputed every N scores
+
+    @field_validator("proxy_routes")
+    @classmethod
+    def _routes(cls, v: list[str]) -> list[str]:
+        if any(not p.startswith("/") for p in v):
+            raise ValueError("proxy_routes must be paths starting with /")
+        return v
+
+    @field_validator("proxy_methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        return [m.upper() for m in v]
 
     @field_validator("reject_status")
     @classmethod
@@ -88,6 +110,12 @@ class Settings(BaseSettings):
     def _budget_holds_a_body(self) -> Settings:
         if self.max_inflight_bytes < self.max_body_bytes:
             raise ValueError("max_inflight_bytes must be at least max_body_bytes")
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_needs_an_upstream(self) -> Settings:
+        if self.proxy_routes and not self.upstream_url:
+            raise ValueError("proxy_routes need upstream_url (the classifier to proxy to)")
         return self
 
     def resolved_api_key(self) -> str | None:

@@ -2,12 +2,14 @@
 
 Startup (``lifespan``): load the bundle into the runtime, warm every bucket, start the
 batcher, build the ``Scorer`` (and the ``Gate`` in gatekeeper mode), then mark the app ready.
-Shutdown: not ready, drain the batcher (at most ``drain_seconds``), close.
+Shutdown: not ready, drain the batcher (at most ``drain_seconds``), close. A hot reload
+(reload.py: SIGHUP, the bundle file changing, the V2 load call) swaps ``scorer`` and
+``batcher`` for new ones; ``Pin`` keeps each request on the scorer it arrived under.
 
 What lives on ``app.state`` (cli.py's drain reads ``draining``, ``admission``, ``batcher``,
 ``last_request``): ``settings``, ``ready``, ``draining``, ``admission`` (admission.py),
 ``metrics``, ``batcher``, ``scorer``, ``gate`` (None unless ``upstream_url`` is set),
-``last_request``.
+``reloader`` (reload.py), ``last_request``.
 
 Readiness is decided here once: ``is_ready`` for the probes, ``require_ready`` for the
 routes that score (503, reason ``shutdown`` while draining, ``internal`` before startup).
@@ -15,23 +17,29 @@ routes that score (503, reason ``shutdown`` while draining, ``internal`` before 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import State
 
-from hopgate import __version__
-
 from .admission import Admission
-from .batcher import Batcher
 from .config import Settings
-from .errors import Unavailable
+from .errors import V2_PREFIX, Unavailable
 from .gate import Gate
 from .metrics import Metrics
-from .runtime import Runtime
+from .reload import Reloader, describe, load_runtime, start_core
 from .scoring import Scorer
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+VERSION_HEADER = b"x-hopgate-model-version"  # the bundle version behind an answer
 
 
 def init_state(app: FastAPI, settings: Settings) -> None:
@@ -40,6 +48,7 @@ def init_state(app: FastAPI, settings: Settings) -> None:
     app.state.settings, app.state.ready, app.state.draining = settings, False, False
     app.state.gate = None
     app.add_middleware(Admission, app_state=app.state, settings=settings)
+    app.add_middleware(Pin, app_state=app.state)  # outside Admission: pinned while refused too
 
 
 def is_ready(state: State) -> bool:
@@ -58,26 +67,57 @@ def require_ready(request: Request) -> None:
 
 
 def scorer_of(request: Request) -> Scorer:
-    scorer: Scorer = request.app.state.scorer
-    return scorer
+    """The scorer this request is pinned to (``Pin``): the one serving when it arrived."""
+    scorer: Scorer | None = getattr(request.state, "scorer", None)
+    return scorer if scorer is not None else request.app.state.scorer
+
+
+class Pin:
+    """ASGI middleware: pins the scorer serving now to each request for its whole life, so a
+    hot reload (reload.py) never switches bundles under a request, and retires the old
+    scorer only once its last pinned request has been answered. /score and /v2 answers carry
+    ``X-Hopgate-Model-Version``: the version of the bundle that scored (or would score) it."""
+
+    def __init__(self, app: ASGIApp, app_state: State):
+        self.app, self.state = app, app_state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scorer: Scorer | None = getattr(self.state, "scorer", None)
+        if scope["type"] != "http" or scorer is None:
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["scorer"] = scorer
+        scorer.users += 1
+        path: str = scope["path"]
+        tagged: Send = send
+        if path == "/score" or path.startswith(V2_PREFIX):
+            version = (VERSION_HEADER, scorer.meta.model_version.encode("latin-1", "replace"))
+
+            async def with_version(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), version]
+                await send(message)
+            tagged = with_version
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            scorer.users -= 1
+            if scorer.users == 0:
+                scorer.unused.set()
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    runtime = Runtime(settings.model, settings.providers, settings.intra_op_threads,
-                      settings.inter_op_threads, settings.pad, settings.ort_spinning)
+    runtime = load_runtime(settings)  # every bucket warmed, before ready
     m = runtime.meta
-    metrics = Metrics(settings.buckets, Metrics.score_buckets(m.score_quantiles, m.threshold))
-    metrics.model.info({"name": m.name, "version": m.model_version, "provider": runtime.provider,
-                        "hopgate_version": __version__, "backbone": m.backbone})
-    runtime.warm(settings.buckets)  # every bucket, before ready
-    batcher = Batcher(runtime, metrics, settings.buckets, settings.queue_images,
-                      settings.max_delay_ms, settings.batch_slots, settings.inline_compute_ms)
-    batcher.start()
-    scorer = Scorer(settings, runtime, metrics, batcher)
-    scorer.app_state = app.state  # its admission (built with the middleware) says who is in
-    app.state.metrics, app.state.batcher, app.state.scorer = metrics, batcher, scorer
+    metrics = Metrics.for_bundle(settings, m)  # score buckets and drift from its calibration
+    describe(metrics, runtime)
+    scorer = start_core(settings, runtime, metrics, app.state)
+    app.state.metrics, app.state.batcher, app.state.scorer = metrics, scorer.batcher, scorer
+    reloader = app.state.reloader = Reloader(app.state, settings)
+    reloader.on_sighup()
+    watcher = (asyncio.get_running_loop().create_task(reloader.watch(settings.reload_poll_s))
+               if settings.reload_poll_s > 0 else None)
     if settings.upstream_url:
         app.state.gate = Gate(settings.upstream_url, settings.upstream_timeout_s,
                               settings.upstream_policy, settings.gate_ood_status,
@@ -87,8 +127,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logging.getLogger("hopgate").info("ready: %s on %s", m.model_version, runtime.provider)
     yield
     app.state.ready = False
-    await batcher.drain(settings.drain_seconds)
-    batcher.close()
+    if watcher is not None:
+        watcher.cancel()
+    async with reloader.lock:  # a reload under way finishes (or fails) first
+        scorer = app.state.scorer  # the one serving now (reloads swap it)
+    await scorer.batcher.drain(settings.drain_seconds)
+    scorer.batcher.close()
     scorer.close()
+    await reloader.close()
     if app.state.gate is not None:
         await app.state.gate.close()

@@ -1,19 +1,37 @@
-"""Prometheus metrics, on a registry of the app's own (several apps can live in one process)."""
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process).
+
+Every verdict goes through ``Metrics.verdict`` (/score, V2 and the sidecar alike): the verdict
+counters, the score histogram, the OOD rate, the drift window (drift.py) and the request's
+own tally (``request_verdicts``, read by app.py's access log).
+"""
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from contextvars import ContextVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from hopgate.bundle import BundleMeta
+
+from .config import Settings
+from .drift import Drift
+
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 # the reason label of hopgate_requests_total (errors.ServingError.reason), as docs/serving.md
-REASONS = ("ok", "queue_full", "deadline", "bad_input", "unauthorized", "not_found",
-           "method_not_allowed", "shutdown", "internal")
+REASONS = ("ok", "queue_full", "overloaded", "deadline", "bad_input", "unauthorized",
+           "not_found", "method_not_allowed", "shutdown", "ood", "upstream", "internal")
+
+# the verdicts (ood?) of the request being served: app.py's envelope sets a fresh list per
+# request, so the access log can carry them (a context variable: no request object needed)
+request_verdicts: ContextVar[list[bool] | None] = ContextVar("request_verdicts", default=None)
 
 
 class Metrics:
-    def __init__(self, buckets: list[int], score_buckets: list[float], ood_window: int = 1000):
+    def __init__(self, buckets: list[int], score_buckets: list[float], ood_window: int = 1000,
+                 reference: list[float] | None = None, drift_window: int = 1000,
+                 drift_every: int = 50):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("hopgate_requests", "Requests by HTTP status and reason",
                                 ["status", "reason"], registry=r)
@@ -36,6 +54,22 @@ class Metrics:
                               f"{ood_window} images", registry=r)
         self.model = Info("hopgate_model", "The loaded bundle", registry=r)
         self._verdicts: deque[bool] = deque(maxlen=ood_window)
+        # drift against the calibration table (``reference``: the bundle's score_quantiles)
+        self.drift = Drift(reference, drift_window, drift_every) if reference else None
+        self.drift_psi = Gauge("hopgate_score_drift_psi", f"PSI of the last {drift_window} "
+                               "scores against the bundle's calibration scores", registry=r)
+        self.drift_ks = Gauge("hopgate_score_drift_ks", f"KS statistic of the last {drift_window}"
+                              " scores against the bundle's calibration scores", registry=r)
+        self.drift_psi.set_function(lambda: self.drift.psi if self.drift else math.nan)
+        self.drift_ks.set_function(lambda: self.drift.ks if self.drift else math.nan)
+
+    @classmethod
+    def for_bundle(cls, settings: Settings, meta: BundleMeta) -> Metrics:
+        """The metrics of a server of ``meta``: histogram edges and drift reference from its
+        calibration table."""
+        return cls(settings.buckets, cls.score_buckets(meta.score_quantiles, meta.threshold),
+                   reference=meta.score_quantiles, drift_window=settings.drift_window,
+                   drift_every=settings.drift_every)
 
     @staticmethod
     def score_buckets(quantiles: list[float], threshold: float) -> list[float]:
@@ -53,3 +87,8 @@ class Metrics:
         self.score.observe(score)
         self._verdicts.append(ood)
         self.ood_rate.set(sum(self._verdicts) / len(self._verdicts))
+        if self.drift is not None:
+            self.drift.observe(score)
+        tally = request_verdicts.get()
+        if tally is not None:
+            tally.append(ood)

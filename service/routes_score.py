@@ -3,7 +3,8 @@
 Request life: readiness -> deadline -> split the body into images (parsing.py) -> score them
 (scoring.Scorer: a bad image fails alone) -> in gatekeeper mode hand the response to the gate
 (gate.py) -> answer with ``schema.ScoreResponse``. The request is 200 unless every image
-failed, in which case it gets the (first) image's status.
+failed, in which case it gets the (first) image's status. ``?target_tpr=`` or
+``?log_lambda=`` (or their headers) set this request's threshold (threshold.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from .lifecycle import require_ready, scorer_of
 from .parsing import request_deadline, split_images
 from .schema import ScoreResponse
+from .threshold import from_query
 
 router = APIRouter()
 
@@ -28,7 +30,13 @@ SCORE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}},
-}}}
+}}, "parameters": [
+    {"name": "target_tpr", "in": "query", "required": False, "schema": {"type": "number"},
+     "description": "This request's threshold as the share of ID images to keep, within "
+                    "[1/m, 1 - 1/m] (m: the bundle's calibration size). Not with log_lambda"},
+    {"name": "log_lambda", "in": "query", "required": False, "schema": {"type": "number"},
+     "description": "This request's log-domain threshold, within the calibration scores' "
+                    "range. Not with target_tpr"}]}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {} for s in (400, 401, 413, 415, 422, 429, 503, 504)}
 
@@ -40,9 +48,11 @@ async def score(request: Request) -> JSONResponse:
     scorer = scorer_of(request)
     settings = scorer.settings
     deadline = request_deadline(request, settings.deadline_ms)
+    log_lambda = from_query(scorer.meta, scorer.overridable, request.query_params,
+                            request.headers)
     blobs = await split_images(request, settings)
     request.state.images = len(blobs)
-    results = await scorer.score(blobs, deadline)
+    results = await scorer.score(blobs, deadline, log_lambda)
     errors = [r.error for r in results if r.error is not None]
     status = errors[0].status if len(errors) == len(results) else 200
     if errors and status != 200:

@@ -71,7 +71,9 @@ class Runtime:
             pad = np.zeros((bucket - n, *self.shape), dtype=np.uint8)
             images = np.concatenate([images, pad])
         feed = {INPUT_IMAGES: np.ascontiguousarray(images, dtype=np.uint8)}
-        if log_lambda is not None and self.has_log_lambda:
+        if log_lambda is not None:  # the request's threshold (threshold.py bounds it)
+            if not self.has_log_lambda:
+                raise ValueError(f"{self.path.name} has no '{INPUT_LOG_LAMBDA}' input")
             feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
         out = self.session.run(list(OUTPUTS), feed)
         return {k: v[:n] for k, v in zip(OUTPUTS, out)}
@@ -115,7 +117,10 @@ def check_graph(session: Any, meta: BundleMeta, path: Path) -> bool:
         if isinstance(dim, int) and dim != want:  # a symbolic dimension takes any size
             raise BundleError(f"{path}: metadata says {axis} {want} but the graph's "
                               f"'{INPUT_IMAGES}' input is {shape} ({axis} {dim})")
-    return INPUT_LOG_LAMBDA in inputs
+    # exported as an initializer that is also a graph input (overridable): onnxruntime lists
+    # it among the overridable initializers, not the inputs
+    overridable = {i.name for i in session.get_overridable_initializers()}
+    return INPUT_LOG_LAMBDA in inputs or INPUT_LOG_LAMBDA in overridable
 
 
 def check_bundle(path: str | Path) -> BundleMeta:

@@ -12,60 +12,98 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hopgate.bundle import BundleMeta
+
+OOD_NOTE = ("OOD: predicted_class and label are the classifier's guess outside the domain it "
+            "was trained on; do not trust them")
 
 
 class Memory(BaseModel):
-    index: int  # class x M + memory
-    weight: float
+    index: int = Field(description="Global memory index (class x M + memory); "
+                                   "GET /memories/{index} shows its class and exemplars")
+    weight: float = Field(description="Softmax weight of this memory in the retrieval (0-1)")
+    class_index: int | None = Field(None, description="The class this memory stands for")
+    label: str | None = Field(None, description="That class's name")
+
+
+def named_memory(meta: BundleMeta, index: int, weight: float) -> Memory:
+    """A retrieved memory with the class it stands for (when the bundle knows it)."""
+    c = meta.memory_class(index)
+    if c is None or not 0 <= c < len(meta.class_names):
+        return Memory(index=index, weight=weight)
+    return Memory(index=index, weight=weight, class_index=c, label=meta.class_names[c])
 
 
 class ErrorInfo(BaseModel):
-    status: int
-    reason: str
-    message: str
+    status: int = Field(description="HTTP status of this error")
+    reason: str = Field(description="Machine-readable reason (the reason label of "
+                                    "hopgate_requests_total), e.g. bad_input, queue_full")
+    message: str = Field(description="What went wrong, for a person")
 
 
 class Timings(BaseModel):
-    queue_ms: float
-    compute_ms: float
-    batch_size: int
+    queue_ms: float = Field(description="Time the image waited for a batch, ms")
+    compute_ms: float = Field(description="onnxruntime time of its batch, ms")
+    batch_size: int = Field(description="Images in its batch (before padding)")
 
 
 class UpstreamAnswer(BaseModel):
     """The upstream classifier's answer to a forwarded image, or why there is none."""
 
-    status: int
-    body: Any = None  # the upstream's JSON (or text) body
-    error: str | None = None  # set when the upstream was unreachable or too slow
+    status: int = Field(description="The upstream's HTTP status")
+    body: Any = Field(None, description="The upstream's JSON (or text) body")
+    error: str | None = Field(None, description="Set when the upstream was unreachable or "
+                                                "too slow")
 
 
 class ImageResult(BaseModel):
-    ood: bool | None = None
-    score: float | None = None
-    threshold: float | None = None
-    p_value: float | None = None
-    predicted_class: int | None = None
-    label: str | None = None
-    memories: list[Memory] | None = None
-    energy: float | None = None
-    baselines: dict[str, float] | None = None
-    model_version: str | None = None
-    timings: Timings | None = None
-    error: ErrorInfo | None = None
+    """One image's verdict, or only ``error`` when it failed alone."""
+
+    ood: bool | None = Field(None, description="True: out of distribution (unlike the "
+                             "training data); equals score < threshold")
+    score: float | None = Field(None, description="Gate score, log-domain; higher = more "
+                                "like the training data")
+    threshold: float | None = Field(None, description="Calibrated log-domain threshold: OOD "
+                                    "iff score < threshold")
+    p_value: float | None = Field(None, description="Share of ID calibration images scoring "
+                                  "at or below this score (small = unusual)")
+    predicted_class: int | None = Field(None, description="The classifier's class index; for "
+                                        "an OOD image only its guess outside its domain")
+    label: str | None = Field(None, description="Name of predicted_class")
+    note: str | None = Field(None, description="Set on OOD results: predicted_class is the "
+                             "classifier's guess outside its domain")
+    memories: list[Memory] | None = Field(None, description="Memories the image was "
+                                          "retrieved to, by weight; empty when OOD")
+    energy: float | None = Field(None, description="Hopfield energy of the final state")
+    baselines: dict[str, float] | None = Field(None, description="Cheap baseline scores: msp "
+                                               "(max softmax), energy (logsumexp of logits)")
+    model_version: str | None = Field(None, description="Version of the bundle that scored it")
+    timings: Timings | None = Field(None, description="Where the time went")
+    error: ErrorInfo | None = Field(None, description="Why this image failed (then the only "
+                                    "field)")
     # gatekeeper mode only
-    upstream: UpstreamAnswer | None = None
-    held_back: bool | None = None
+    upstream: UpstreamAnswer | None = Field(None, description="Gatekeeper mode: the upstream "
+                                            "classifier's answer to this ID image")
+    held_back: bool | None = Field(None, description="Gatekeeper mode: an OOD image that was "
+                                   "never forwarded")
+
+    @model_validator(mode="after")
+    def _say_ood_class_is_a_guess(self) -> ImageResult:
+        if self.ood and self.note is None:  # set, so it is rendered (exclude_unset)
+            self.note = OOD_NOTE
+        return self
 
 
 class ModelInfo(BaseModel):
-    name: str
-    version: str
-    provider: str
-    threshold: float
-    target_tpr: float
-    classes: list[str]
-    hopgate_version: str
+    name: str = Field(description="Bundle name")
+    version: str = Field(description="Bundle version (name, data fingerprint, seed)")
+    provider: str = Field(description="onnxruntime execution provider")
+    threshold: float = Field(description="Calibrated log-domain threshold")
+    target_tpr: float = Field(description="Share of ID images the threshold was set to keep")
+    classes: list[str] = Field(description="Class names, by class index")
+    hopgate_version: str = Field(description="hopgate version serving it")
 
 
 class EncodedJSON(JSONResponse):

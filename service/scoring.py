@@ -10,6 +10,10 @@ results. One ``Scorer`` per app, built at startup (lifecycle.py).
     A full queue or a shutdown fails the whole request at once (``Unavailable``).
   * ``result``: a raw row -> ``schema.ImageResult`` (the documented /score result).
   * ``score``: the three in a row for /score, one ``ImageResult`` per input in order.
+
+``run`` and ``score`` take the request's threshold (``log_lambda``, threshold.py; None: the
+bundle's). A ``Scorer`` is one loaded bundle: a reload (reload.py) builds a new one beside
+it; ``users`` counts the requests pinned to it, ``stats`` feeds V2 statistics (v2_repository.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +34,23 @@ from .decoding import INLINE_IMAGES, DecodePool, decode_cost
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
 from .metrics import Metrics
 from .runtime import Runtime
-from .schema import ErrorInfo, ImageResult, Memory, ModelInfo, Timings
+from .schema import ErrorInfo, ImageResult, ModelInfo, Timings, named_memory
 
 Row = dict[str, Any]  # the bundle's outputs for one image, plus queue_s, compute_s, batch
+
+
+@dataclass
+class Stats:
+    """Since this bundle was loaded: requests that reached the batcher, and their images."""
+
+    success: int = 0
+    failed: int = 0
+    images: int = 0
+    batches: float = 0.0  # each image counts 1/(its batch's size)
+    success_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    last_ms: int = 0  # wall clock of the last inference, ms since the epoch
 
 
 class Scorer:
@@ -48,6 +67,10 @@ class Scorer:
             threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
             hopgate_version=__version__)
         self.app_state: Any = None  # lifecycle.py sets it (its ``admission``: admission.py)
+        self.overridable = runtime.has_log_lambda  # the threshold can be set per request
+        self.users = 0  # requests pinned to this scorer (lifecycle.Pin), for a reload's drain
+        self.unused = asyncio.Event()  # set by lifecycle.Pin when ``users`` falls to 0
+        self.stats = Stats()
 
     def alone(self) -> bool:
         """No other scoring request is in the server (admitted and not yet answered)."""
@@ -95,13 +118,16 @@ class Scorer:
                 out[i] = d
         return [o for o in out if o is not None]
 
-    async def run(self, images: list[np.ndarray], deadline: float) -> list[Row | ServingError]:
+    async def run(self, images: list[np.ndarray], deadline: float,
+                  log_lambda: float | None = None) -> list[Row | ServingError]:
         """Queue decoded images; each entry is the raw output row (+timings) or an error."""
         if not images:
             return []
         retry = self.settings.retry_after_s
+        t0 = time.perf_counter_ns()
         try:
-            futures = self.batcher.submit(images, deadline, alone=self.alone())
+            futures = self.batcher.submit(images, deadline, alone=self.alone(),
+                                          log_lambda=log_lambda)
         except QueueFull:
             raise self._queue_full() from None
         except ShuttingDown:
@@ -120,19 +146,35 @@ class Scorer:
             else:
                 row, queued, compute, batch = f.result()
                 out.append({**row, "queue_s": queued, "compute_s": compute, "batch": batch})
+        self._count(out, time.perf_counter_ns() - t0)
         return out
 
-    def result(self, row: Row) -> ImageResult:
+    def _count(self, rows: list[Row | ServingError], ns: int) -> None:
+        st, ok = self.stats, [r for r in rows if isinstance(r, dict)]
+        if len(ok) < len(rows):
+            st.failed += 1
+        else:
+            st.success += 1
+            st.success_ns += ns
+        st.images += len(ok)
+        st.batches += sum(1.0 / r["batch"] for r in ok)
+        st.queue_ns += int(sum(r["queue_s"] for r in ok) * 1e9)
+        st.compute_ns += int(sum(r["compute_s"] / r["batch"] for r in ok) * 1e9)
+        st.last_ms = int(time.time() * 1000)
+
+    def result(self, row: Row, threshold: float | None = None) -> ImageResult:
+        """``threshold``: the one the row was computed with (None: the bundle's)."""
         m = self.meta
         ood, score = bool(row["is_ood"]), float(row["score"])
         self.metrics.verdict(ood, score)
         pred = int(row["pred_class"])
         memories = [] if ood else [
-            Memory(index=int(i), weight=float(w))
+            named_memory(m, int(i), float(w))
             for i, w in zip(row["memory_index"], row["memory_weight"]) if i >= 0 and w > 1e-6]
         label = m.class_names[pred] if pred < len(m.class_names) else str(pred)
         return ImageResult(
-            ood=ood, score=score, threshold=m.threshold, p_value=m.p_value(score),
+            ood=ood, score=score, threshold=m.threshold if threshold is None else threshold,
+            p_value=m.p_value(score),
             predicted_class=pred, label=label, memories=memories, energy=float(row["energy"]),
             baselines={"msp": float(row["msp"]), "energy": float(row["energy_score"])},
             model_version=m.model_version,
@@ -145,7 +187,8 @@ class Scorer:
         self.metrics.images.labels("error").inc()
         return ImageResult(error=ErrorInfo(status=e.status, reason=e.reason, message=e.message))
 
-    async def score(self, blobs: list[bytes | ImageError], deadline: float) -> list[ImageResult]:
+    async def score(self, blobs: list[bytes | ImageError], deadline: float,
+                    log_lambda: float | None = None) -> list[ImageResult]:
         """One result per input, in order; a bad input fails alone."""
         todo = [i for i, b in enumerate(blobs) if not isinstance(b, ImageError)]
         decoded: dict[int, np.ndarray | ServingError] = {
@@ -154,14 +197,15 @@ class Scorer:
                                                     if not isinstance(b, ImageError)], deadline)))
         good = [i for i in range(len(blobs)) if isinstance(decoded[i], np.ndarray)]
         images = [d for i in good if isinstance(d := decoded[i], np.ndarray)]
-        rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline)))
+        rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline,
+                                                                            log_lambda)))
         results = []
         for i in range(len(blobs)):
             r = rows.get(i, decoded[i])
             if isinstance(r, ServingError):
                 results.append(self.failed(r))
             elif isinstance(r, dict):
-                results.append(self.result(r))
+                results.append(self.result(r, log_lambda))
         return results
 
     def close(self) -> None:

@@ -2,16 +2,22 @@
 the checks of shape x datatype x data that run before anything is allocated from it.
 
 ``parse_infer`` turns the raw body (JSON, or the JSON header plus binary tensors of the
-``binary_data`` extension) into the one input tensor: a list of encoded images (``BYTES``)
-or a uint8 ``[N, H, W, C]`` array (``UINT8``). Every client mistake is a ``ClientError``
-(400, or 413 for more than ``max_images`` images) whose message names the problem.
+``binary_data`` extension) into its one or two input tensors (scored in the order sent):
+a list of encoded images (``BYTES``) or a uint8 ``[N, H, W, C]`` array (``UINT8``). Every
+client mistake is a ``ClientError`` (400, or 413 for more than ``max_images`` images in all).
+
+BYTES in JSON are strings, which cannot hold raw bytes: an element is a base64-encoded image
+(what tritonclient and KServe clients send with ``binary_data=False``). Without
+``parameters.base64`` it is read as base64 when that gives an image, else as raw latin-1
+bytes when those are one, else a 400 naming ``parameters.base64`` (true / false: explicit).
 
 Order of the checks: the header (``Inference-Header-Content-Length`` within the body) ->
-the JSON through the model (strict types, at most 200 levels deep: jiter's limit) -> exactly
-one input -> its shape against the datatype, the bundle's size and ``max_images`` (1 <= N)
--> the data's element count (JSON: counted without building anything; binary: bytes counted
-against ``binary_data_size``) -> only then the array or the list of blobs is built. No
-size in the request is ever used to allocate before it has been checked against the body.
+the JSON through the model (strict types, at most 200 levels deep: jiter's limit) -> one or
+two inputs with distinct names -> each shape against the datatype, the bundle's size and
+``max_images`` (1 <= N) -> the data's element count (JSON: counted without building
+anything; binary: bytes counted against ``binary_data_size``) -> only then the arrays or the
+lists of blobs are built. No size in the request is ever used to allocate before it has
+been checked against the body.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ClientError
+from .errors import ClientError, ImageError
+from .imaging import sniff
 
 Dim = Annotated[int, Field(ge=0, le=2**40)]
 MAX_DEPTH = 8  # nesting of JSON ``data`` (row-major nested lists): deeper is refused
@@ -37,7 +44,7 @@ class _Params(BaseModel):
 
 class InputParameters(_Params):
     binary_data_size: int | None = Field(None, ge=0)  # bytes of this tensor after the header
-    base64: bool | None = None  # BYTES JSON data is base64 (else latin-1 text)
+    base64: bool | None = None  # BYTES JSON data: base64 or latin-1 (unset: the one an image)
 
 
 class OutputParameters(_Params):
@@ -46,6 +53,8 @@ class OutputParameters(_Params):
 
 class RequestParameters(_Params):
     binary_data_output: bool | None = None
+    target_tpr: float | None = None  # this request's threshold (threshold.py), one of two
+    log_lambda: float | None = None
 
 
 class InferInput(BaseModel):
@@ -66,13 +75,13 @@ class InferOutput(BaseModel):
 
 
 class InferRequest(BaseModel):
-    """``POST /v2/models/{name}/infer``: exactly one input tensor, ``BYTES [N]`` of encoded
-    images or ``UINT8 [N, H, W, C]`` at the bundle's size."""
+    """``POST /v2/models/{name}/infer``: one or two input tensors, ``BYTES [N]`` of encoded
+    images (base64 in JSON) and/or ``UINT8 [N, H, W, C]`` at the bundle's size."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     id: str | None = Field(None, max_length=256)
-    inputs: list[InferInput] = Field(min_length=1, max_length=1)
+    inputs: list[InferInput] = Field(min_length=1, max_length=2)
     outputs: list[InferOutput] | None = Field(None, max_length=64)
     parameters: RequestParameters | None = None
 
@@ -167,8 +176,10 @@ def parse_bytes(raw: bytes, n: int) -> list[bytes]:
     return out
 
 
-def _check_shape(inp: InferInput, image: tuple[int, int, int], max_images: int) -> int:
-    """N, once the shape fits the datatype, the bundle and the limit."""
+def _check_shape(inp: InferInput, image: tuple[int, int, int], max_images: int,
+                 before: int = 0) -> int:
+    """N, once the shape fits the datatype, the bundle and the limit (with ``before`` images
+    in the inputs before this one)."""
     shape = list(inp.shape)
     if inp.datatype == "BYTES":
         if len(shape) != 1:
@@ -179,8 +190,8 @@ def _check_shape(inp: InferInput, image: tuple[int, int, int], max_images: int) 
     n = shape[0]
     if n == 0:
         raise _bad("shape has N = 0: send at least one image")
-    if n > max_images:
-        raise _bad(f"{n} images; the limit is {max_images}", 413)
+    if before + n > max_images:
+        raise _bad(f"{before + n} images; the limit is {max_images}", 413)
     return n
 
 
@@ -199,27 +210,48 @@ def _json_data(inp: InferInput, n: int, image: tuple[int, int, int]) -> list[byt
                 what = "out of range" if type(x) is int else f"a {type(x).__name__}"
                 raise _bad(f"UINT8 data[{i}] is {what}: must be an integer in 0..255")
         return np.asarray(flat, dtype=np.uint8).reshape(n, *image)
-    b64 = bool(inp.parameters and inp.parameters.base64)
+    b64 = inp.parameters.base64 if inp.parameters else None
     out: list[bytes] = []
     for i, s in enumerate(flat):
         if not isinstance(s, str):
             raise _bad(f"BYTES data[{i}] is {type(s).__name__}: must be a string"
-                       + (" (base64)" if b64 else ""))
-        try:
-            out.append(base64.b64decode(s, validate=True) if b64 else s.encode("latin-1"))
-        except (binascii.Error, ValueError):
-            raise _bad(f"BYTES data[{i}] is not "
-                       + ("valid base64" if b64 else "latin-1 text: set parameters.base64")
-                       ) from None
+                       + (" (base64)" if b64 is not False else ""))
+        out.append(_element(i, s, b64))
     return out
+
+
+def _is_image(blob: bytes) -> bool:
+    try:
+        return bool(sniff(blob))
+    except ImageError:
+        return False
+
+
+def _element(i: int, s: str, b64: bool | None) -> bytes:
+    """One JSON BYTES element: base64 or latin-1 as ``b64`` says, else whichever is an image."""
+    if b64 is not False:
+        try:
+            decoded = base64.b64decode(s, validate=True)
+            if b64 or _is_image(decoded):
+                return decoded
+        except (binascii.Error, ValueError):
+            if b64:
+                raise _bad(f"BYTES data[{i}] is not valid base64") from None
+    neither = _bad(f"BYTES data[{i}] is no image, as base64 (standard alphabet, no line "
+                   "breaks) nor as raw latin-1 bytes; set parameters.base64 to choose")
+    try:
+        raw = s.encode("latin-1")
+    except UnicodeEncodeError:
+        raise neither from None
+    if b64 is False or _is_image(raw):
+        return raw
+    raise neither
 
 
 def _binary_data(inp: InferInput, n: int, image: tuple[int, int, int], rest: bytes,
                  size: int) -> list[bytes] | np.ndarray:
     if size > len(rest):
         raise _bad(f"binary_data_size {size} exceeds the {len(rest)} bytes after the header")
-    if len(rest) != size:
-        raise _bad(f"{len(rest) - size} bytes after the input's binary data")
     raw = rest[:size]
     if inp.datatype == "BYTES":
         return parse_bytes(raw, n)
@@ -229,9 +261,12 @@ def _binary_data(inp: InferInput, n: int, image: tuple[int, int, int], rest: byt
     return np.frombuffer(raw, dtype=np.uint8).reshape(n, *image)
 
 
+Tensor = list[bytes] | np.ndarray  # encoded images (BYTES) or uint8 [N, H, W, C] (UINT8)
+
+
 def parse_infer(body: bytes, header_length: str | None, image: tuple[int, int, int],
-                max_images: int) -> tuple[InferRequest, list[bytes] | np.ndarray]:
-    """The request model and its one input tensor, every size checked before use."""
+                max_images: int) -> tuple[InferRequest, list[Tensor]]:
+    """The request model and its input tensors in order, every size checked before use."""
     header, rest = body, b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -244,11 +279,21 @@ def parse_infer(body: bytes, header_length: str | None, image: tuple[int, int, i
         req = InferRequest.model_validate_json(header)
     except ValidationError as e:
         raise _bad(_validation_message(e)) from None
-    inp = req.inputs[0]
-    n = _check_shape(inp, image, max_images)
-    size = inp.parameters.binary_data_size if inp.parameters else None
-    if size is not None:
-        return req, _binary_data(inp, n, image, rest, size)
+    names = [inp.name for inp in req.inputs]
+    if len(set(names)) < len(names):
+        raise _bad(f"two inputs named {names[0]!r}: each input once")
+    tensors: list[Tensor] = []
+    total = 0
+    for inp in req.inputs:  # sizes first, for all: nothing is built for a request too large
+        total += _check_shape(inp, image, max_images, total)
+    for inp in req.inputs:
+        n = inp.shape[0]
+        size = inp.parameters.binary_data_size if inp.parameters else None
+        if size is not None:
+            tensors.append(_binary_data(inp, n, image, rest, size))
+            rest = rest[size:]
+        else:
+            tensors.append(_json_data(inp, n, image))
     if rest:
-        raise _bad("binary data after the header, but the input has no binary_data_size")
-    return req, _json_data(inp, n, image)
+        raise _bad(f"{len(rest)} bytes after the inputs' binary data (binary_data_size)")
+    return req, tensors

@@ -11,7 +11,8 @@ CPU quota both count). Each worker's onnxruntime gets cores ÷ workers intra-op 
 ``HOPGATE_INTRA_OP_THREADS`` says otherwise.
 
 The supervisor forwards SIGTERM/SIGINT to every worker; each drains as a lone server does
-(cli.py) and the supervisor exits with the worst exit code once all have. If a worker dies on
+(cli.py) and the supervisor exits with the worst exit code once all have. SIGHUP is
+forwarded too: each worker reloads its bundle (reload.py). If a worker dies on
 its own, the others are stopped and the supervisor exits non-zero: the orchestrator restarts
 the whole pod or unit (no half-capacity server left running quietly).
 
@@ -86,6 +87,12 @@ def supervise(host: str, port: int, workers: int, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    def reload(sig: int, frame: FrameType | None) -> None:  # each worker reloads (reload.py)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGHUP, reload)
     died = False
     while any(p.poll() is None for p in procs):
         if not stopping and any(p.poll() is not None for p in procs):  # one died on its own

@@ -7,7 +7,7 @@ import pytest
 
 from hopgate.bundle import load_meta
 from hopgate.model_export import data
-from hopgate.model_export.config import ConfigError, load_config
+from hopgate.model_export.config import BuildConfig, ConfigError, load_config
 from hopgate.model_export.export import ort_session, run_ort
 from hopgate.model_export.splits import id_test
 
@@ -87,5 +87,7 @@ def test_missing_dataset_gives_the_install_command(tmp_path):
 
 
 def test_all_configs_in_the_repo_load():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+    from hopgate.model_export.attach_config import AttachConfig
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):  # attach_*: `hopgate-export attach`
+        load_config(path, schema=AttachConfig if path.name.startswith("attach_") else BuildConfig)

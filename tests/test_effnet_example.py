@@ -47,8 +47,11 @@ def test_readme_effnet_example_gives_one_verdict(tmp_path):
         "data": {"id": f"folder:{train}", "test": f"folder:{test}", "size": [224, 224],
                  "channels": 3, "holdout_fraction": 0.3},
         "backbone": {"name": "efficientnet_lite0", "epochs": 3, "batch_size": 32},
-        "memory": {"beta": 5.0, "memories": 10, "steps": 1, "bank": "per_class", "epochs": 3},
-        "calibrate": {"target_tpr": 0.95},
+        "memory": {"beta": 5.0, "memories": 10, "steps": 1, "bank": "per_class", "epochs": 3,
+                   # issue 13's settings, pinned since issue 16 made the gaussian gate default
+                   "geometry": "dot", "init": "sample", "kmeans_n_init": 1,
+                   "feature_norm": None},
+        "calibrate": {"target_tpr": 0.95, "client_path": 0.0},
         "export": {"parity_images": 100}})
     assert cfg.memory.geometry == "dot" and cfg.memory.feature_norm is None
     pipeline.build(cfg, progress=False)  # raises on any flag/score disagreement

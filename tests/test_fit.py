@@ -32,7 +32,8 @@ def _fit(x, cfg, seed=0):
 def test_the_objective_falls_and_fitted_banks_beat_their_init_on_held_out_features():
     x = _class_features(0)
     train, held = x[:900], x[900:]
-    cfg = FitConfig(memories=6, beta=5.0, epochs=15, lr=1e-2, batch_size=50)
+    cfg = FitConfig(memories=6, beta=5.0, epochs=15, lr=1e-2, batch_size=50, geometry="dot",
+                    init="sample", kmeans_n_init=1)  # the dot geometry's SFNN fit
     init = _fit(train, FitConfig(**{**cfg.__dict__, "epochs": 0}))  # same seed: the init
     fitted = _fit(train, cfg)
     assert not torch.equal(init, fitted), "the fit left its initial memories unchanged"

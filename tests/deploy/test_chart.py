@@ -1,5 +1,6 @@
 """The Helm chart without a cluster: render every ci/ values file with Helm's own library,
-validate every manifest against Kubernetes' schemas (strict), lint, and check what matters."""
+validate every manifest against Kubernetes' schemas (strict), lint, and check what matters.
+The PrometheusRule, which kubernetes-validate has no schema for, is checked in test_alerts.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ CHART = ROOT / "helm" / "hopgate"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 KUBE_VERSION = "1.33.0"
 # custom resources with no schema in kubernetes-validate: checked by shape below, skipped there
-CUSTOM = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+          ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def render(values: dict) -> list[dict]:
@@ -78,11 +80,29 @@ def test_sidecar_puts_hopgate_beside_the_classifier_and_the_service_goes_through
     env = {e["name"]: e.get("value") for e in containers["hopgate"]["env"]}
     assert env["HOPGATE_UPSTREAM_URL"] == "http://127.0.0.1:9000/predict"
     assert env["HOPGATE_UPSTREAM_POLICY"] == "fail_open"
+    assert json.loads(env["HOPGATE_PROXY_ROUTES"]) == ["/predict", "/v1/classify"]
+    assert env["HOPGATE_GATE_MODE"] == "shadow"
     (svc,) = by_kind(docs, "Service")
-    target = svc["spec"]["ports"][0]["targetPort"]
     hop_ports = {p["name"] for p in containers["hopgate"]["ports"]}
     classifier_ports = {p["name"] for p in containers["classifier"]["ports"]}
-    assert target in hop_ports and target not in classifier_ports
+    ports = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}
+    # the classifier's own port number on the Service goes to the gate, as does port 80
+    assert set(ports) == {80, 9000}
+    assert all(t in hop_ports and t not in classifier_ports for t in ports.values())
+
+
+def test_sidecar_env_is_what_the_service_reads(monkeypatch):
+    """The rendered HOPGATE_* variables build valid Settings with the proxy switched on."""
+    from hopgate.service.config import Settings
+
+    docs = render(yaml.safe_load((CHART / "ci" / "sidecar.yaml").read_text()))
+    (dep,) = by_kind(docs, "Deployment")
+    (hop,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "hopgate"]
+    for e in hop["env"]:
+        monkeypatch.setenv(e["name"], e["value"])
+    s = Settings()
+    assert s.proxy_routes == ["/predict", "/v1/classify"] and s.proxy_methods == ["POST"]
+    assert s.gate_mode == "shadow" and s.gate_ood_status == 422 and s.drift_window == 1000
 
 
 def test_probes_point_at_real_endpoints_and_grace_matches_drain():
@@ -140,7 +160,8 @@ def test_dashboard_configmap_holds_the_panels():
     dash = json.loads(cm["data"]["hopgate.json"])
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     for metric in ("hopgate_ood_rate", "hopgate_score_bucket", "hopgate_request_seconds_bucket",
-                   "hopgate_batch_size_bucket", "hopgate_requests_total"):
+                   "hopgate_batch_size_bucket", "hopgate_requests_total",
+                   "hopgate_score_drift_psi", "hopgate_score_drift_ks"):
         assert metric in exprs
 
 
@@ -150,6 +171,9 @@ def test_dashboard_configmap_holds_the_panels():
     ({"mode": "daemon"}, "mode"),
     ({"port": 99999}, "port"),
     ({"settings": {"queueImages": 1.5}}, "queueImages"),
+    ({"gate": {"mode": "audit"}}, "mode"),
+    ({"classifier": {"routes": ["predict"]}}, "routes"),
+    ({"alerts": {"oodRate": 2}}, "oodRate"),
 ])
 def test_schema_rejects_wrong_types(values, where):
     with pytest.raises(helm.HelmError, match=where):

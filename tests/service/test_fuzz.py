@@ -138,7 +138,7 @@ def _parses_or_refuses(body: bytes, header_length: str | None = None) -> None:
     """A tensor or a 400/413, allocating no more than a small multiple of the body."""
     tracemalloc.start()
     try:
-        req, tensor = parse_infer(body, header_length, IMAGE, max_images=32)
+        req, tensors = parse_infer(body, header_length, IMAGE, max_images=32)
     except ClientError as e:
         assert e.status in (400, 413) and e.message.startswith("bad V2 request")
         assert len(e.message) < 600
@@ -147,12 +147,15 @@ def _parses_or_refuses(body: bytes, header_length: str | None = None) -> None:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 200_000 + 50 * len(body), f"{peak} bytes for a {len(body)}-byte body"
-    n = req.inputs[0].shape[0]
-    assert 1 <= n <= 32
-    if isinstance(tensor, np.ndarray):
-        assert tensor.shape == (n, *IMAGE) and tensor.dtype == np.uint8
-    else:
-        assert len(tensor) == n and all(isinstance(b, bytes) for b in tensor)
+    assert len(tensors) == len(req.inputs)  # one or two inputs, in order
+    assert sum(inp.shape[0] for inp in req.inputs) <= 32
+    for inp, tensor in zip(req.inputs, tensors):
+        n = inp.shape[0]
+        assert n >= 1
+        if isinstance(tensor, np.ndarray):
+            assert tensor.shape == (n, *IMAGE) and tensor.dtype == np.uint8
+        else:
+            assert len(tensor) == n and all(isinstance(b, bytes) for b in tensor)
 
 
 @FUZZ

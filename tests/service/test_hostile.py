@@ -5,6 +5,7 @@ API key's scheme; the request id's cap; the bundle checked against its graph."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shutil
@@ -105,6 +106,9 @@ async def test_decode_messages_carry_no_object_reprs(app_client):
     assert r.status_code == 422 and " at 0x" not in r.text and "BytesIO" not in r.text
 
 
+B64_PNG = base64.b64encode(PNGS[0]).decode()  # JSON BYTES: base64 (v2_request)
+
+
 async def test_a_bug_is_a_counted_logged_500_that_leaks_nothing(anyio_backend, caplog,
                                                                  monkeypatch):
     async with in_process() as c:
@@ -116,7 +120,7 @@ async def test_a_bug_is_a_counted_logged_500_that_leaks_nothing(anyio_backend, c
             r = await c.post("/score", content=PNGS[0],
                              headers={**PNG, "x-request-id": "req-42"})
             r2 = await c.post(V2, json={"inputs": [{"name": "b", "datatype": "BYTES",
-                                                    "shape": [1], "data": ["x"]}]})
+                                                    "shape": [1], "data": [B64_PNG]}]})
         text = (await c.get("/metrics")).text
     assert r.status_code == 500 and r.json() == {"error": {
         "status": 500, "reason": "internal", "message": "internal error"}}

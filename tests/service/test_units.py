@@ -32,7 +32,8 @@ class FakeRuntime:
         if not gated:
             self.release.set()
 
-    def run(self, images: np.ndarray, bucket: int | None = None) -> dict[str, np.ndarray]:
+    def run(self, images: np.ndarray, bucket: int | None = None,
+            log_lambda: float | None = None) -> dict[str, np.ndarray]:
         self.batches.append((len(images), bucket or len(images)))
         self.started.set()
         assert self.release.wait(10)
@@ -183,7 +184,7 @@ def test_drain_waits_for_accepted_work_then_refuses_new_work():
 
 def test_a_runtime_failure_reaches_every_image_of_its_batch():
     class Broken(FakeRuntime):
-        def run(self, images, bucket=None):
+        def run(self, images, bucket=None, log_lambda=None):
             raise RuntimeError("boom")
 
     async def go():
