@@ -74,44 +74,53 @@ async def split_images(request: Request, settings: Settings) -> list[bytes | Ima
 
 
 def _multipart(body: bytes, content_type: str, settings: Settings) -> list[bytes]:
-    """The ``images`` parts of a multipart body, parsed in memory (no temporary files; the
-    body is already bounded by ``max_body_bytes``). Runs off the event loop."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
+    """The ``images`` parts of a /score multipart body. Runs off the event loop."""
+    parts = multipart_parts(body, content_type, settings.max_images + 16, b"images")
+    if not parts:
+        raise ClientError(400, "multipart body has no file parts named 'images'")
+    return parts
+
+
+def multipart_parts(body: bytes, content_type: str, max_parts: int,
+                    field: bytes | None = None) -> list[bytes]:
+    """The bytes of the parts named ``field`` (None: every part), parsed in memory (no
+    temporary files; the body is already bounded by ``max_body_bytes``). More than
+    ``max_parts`` parts of any name is 413; a body the parser refuses is 400."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise ClientError(400, "bad multipart body: no boundary in Content-Type")
     parts: list[bytes] = []
     count = 0
-    name, field, header, data = b"", b"", b"", bytearray()
+    name, header_field, header, data = b"", b"", b"", bytearray()
 
     def on_part_begin() -> None:
         nonlocal name, data
         name, data = b"", bytearray()
 
     def on_header_field(b: bytes, start: int, end: int) -> None:
-        nonlocal field
-        field += b[start:end]
+        nonlocal header_field
+        header_field += b[start:end]
 
     def on_header_value(b: bytes, start: int, end: int) -> None:
         nonlocal header
         header += b[start:end]
 
     def on_header_end() -> None:
-        nonlocal name, field, header
-        if field.lower() == b"content-disposition":
+        nonlocal name, header_field, header
+        if header_field.lower() == b"content-disposition":
             name = parse_options_header(header)[1].get(b"name", b"")
-        field, header = b"", b""
+        header_field, header = b"", b""
 
     def on_part_data(b: bytes, start: int, end: int) -> None:
-        if name == b"images":
+        if field is None or name == field:
             data.extend(b[start:end])
 
     def on_part_end() -> None:
         nonlocal count
         count += 1
-        if count > settings.max_images + 16:
-            raise ClientError(413, f"multipart body has more than {settings.max_images} parts")
-        if name == b"images":
+        if count > max_parts:
+            raise ClientError(413, f"multipart body has more than {max_parts} parts")
+        if field is None or name == field:
             parts.append(bytes(data))
 
     callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -125,8 +134,6 @@ def _multipart(body: bytes, content_type: str, settings: Settings) -> list[bytes
         raise
     except Exception as e:
         raise ClientError(400, f"bad multipart body: {type(e).__name__}") from None
-    if not parts:
-        raise ClientError(400, "multipart body has no file parts named 'images'")
     return parts
 
 

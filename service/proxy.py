@@ -43,14 +43,13 @@ from typing import Any
 import httpx
 from fastapi import Request
 from fastapi.responses import Response
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .config import Settings
 from .errors import ClientError, ImageError, ServingError
 from .gate import Gate, UpstreamFailed
 from .imaging import sniff
 from .lifecycle import require_ready, scorer_of
-from .parsing import read_body, request_deadline
+from .parsing import multipart_parts, read_body, request_deadline
 from .schema import ImageResult, ScoreResponse
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -66,38 +65,6 @@ def _is_image(blob: bytes) -> bool:
         return True
     except ImageError:
         return False
-
-
-def _multipart_parts(body: bytes, content_type: str, max_parts: int) -> list[bytes]:
-    """Every part's bytes, form fields included (the caller keeps the images)."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if not boundary:
-        raise ClientError(400, "bad multipart body: no boundary in Content-Type")
-    parts: list[bytes] = []
-    data = bytearray()
-
-    def on_part_begin() -> None:
-        data.clear()
-
-    def on_part_data(b: bytes, start: int, end: int) -> None:
-        data.extend(b[start:end])
-
-    def on_part_end() -> None:
-        if len(parts) >= max_parts:
-            raise ClientError(413, f"multipart body has more than {max_parts} parts")
-        parts.append(bytes(data))
-
-    callbacks = {"on_part_begin": on_part_begin, "on_part_data": on_part_data,
-                 "on_part_end": on_part_end}
-    try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except ClientError:
-        raise
-    except Exception as e:
-        raise ClientError(400, f"bad multipart body: {type(e).__name__}") from None
-    return parts
 
 
 def _json_strings(doc: Any) -> list[str]:
@@ -139,7 +106,7 @@ def find_images(body: bytes, content_type: str, max_parts: int) -> list[bytes | 
     """The encoded images in a request body (see the module docstring), in body order."""
     kind = content_type.split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        return [p for p in _multipart_parts(body, content_type, max_parts) if _is_image(p)]
+        return [p for p in multipart_parts(body, content_type, max_parts) if _is_image(p)]
     if kind == "application/json" or kind.endswith("+json"):
         try:
             doc = json.loads(body)

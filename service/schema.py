@@ -65,8 +65,9 @@ class ImageResult(BaseModel):
                              "training data); equals score < threshold")
     score: float | None = Field(None, description="Gate score, log-domain; higher = more "
                                 "like the training data")
-    threshold: float | None = Field(None, description="Calibrated log-domain threshold: OOD "
-                                    "iff score < threshold")
+    threshold: float | None = Field(None, description="The log-domain threshold applied: the "
+                                    "bundle's calibrated one unless the request set its own "
+                                    "(target_tpr / log_lambda); OOD iff score < threshold")
     p_value: float | None = Field(None, description="Share of ID calibration images scoring "
                                   "at or below this score (small = unusual)")
     predicted_class: int | None = Field(None, description="The classifier's class index; for "
