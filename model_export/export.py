@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from tqdm.auto import tqdm
 
 from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
 
@@ -71,11 +72,16 @@ def ort_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _batches(n: int, batch_size: int, desc: str | None) -> tqdm:
+    """Batch starts, with a progress bar (time left) when ``desc`` is given."""
+    return tqdm(range(0, n, batch_size), desc=desc, disable=desc is None, leave=False)
+
+
 def run_ort(session, images: np.ndarray, log_lambda: float | None = None,
-            batch_size: int = 256) -> dict[str, np.ndarray]:
+            batch_size: int = 256, desc: str | None = None) -> dict[str, np.ndarray]:
     """Run the bundle over uint8 images in batches; outputs concatenated by name."""
     parts: dict[str, list] = {k: [] for k in OUTPUTS}
-    for i in range(0, len(images), batch_size):
+    for i in _batches(len(images), batch_size, desc):
         feed = {INPUT_IMAGES: np.ascontiguousarray(images[i:i + batch_size])}
         if log_lambda is not None:
             feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
@@ -86,10 +92,10 @@ def run_ort(session, images: np.ndarray, log_lambda: float | None = None,
 
 @torch.no_grad()
 def run_torch(model: GatedModel, images: np.ndarray, log_lambda: float,
-              batch_size: int = 256) -> dict[str, np.ndarray]:
+              batch_size: int = 256, desc: str | None = None) -> dict[str, np.ndarray]:
     model.eval()
     parts: dict[str, list] = {k: [] for k in OUTPUTS}
-    for i in range(0, len(images), batch_size):
+    for i in _batches(len(images), batch_size, desc):
         batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
         out = model.run(batch, log_lambda)
         for k in OUTPUTS:
@@ -98,7 +104,7 @@ def run_torch(model: GatedModel, images: np.ndarray, log_lambda: float,
 
 
 def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_lambda: float,
-                 rtol: float = 1e-4) -> dict:
+                 rtol: float = 1e-4, progress: bool = False) -> dict:
     """PyTorch vs onnxruntime on real images: every score within rtol*(1+|score|), identical
     is_ood, pred_class and memory_index (except rows whose score is within that tolerance of
     the threshold, counted as ``borderline``); in both runtimes is_ood == (score < threshold)
@@ -107,8 +113,9 @@ def check_parity(model: GatedModel, path: str | Path, images: np.ndarray, log_la
     Raises ParityError naming the first disagreement; returns a small report.
     """
     sess = ort_session(path)
-    ref = run_torch(model, images, log_lambda)
-    got = run_ort(sess, images)  # the bundle's own default threshold
+    ref = run_torch(model, images, log_lambda, desc="parity: pytorch" if progress else None)
+    got = run_ort(sess, images,  # the bundle's own default threshold
+                  desc="parity: onnxruntime" if progress else None)
     diff = np.abs(ref["score"] - got["score"])
     tol = rtol * (1.0 + np.abs(ref["score"]))
     problems = []

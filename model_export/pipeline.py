@@ -151,7 +151,7 @@ def step_export(cfg: BuildConfig, progress: bool = True, sets: Sets | None = Non
     if len(images) < cfg.export.parity_images:
         warn(f"parity check on {len(images)} images, fewer than export.parity_images "
              f"{cfg.export.parity_images}")
-    report = check_parity(model, path, images, meta.threshold)
+    report = check_parity(model, path, images, meta.threshold, progress=progress)
     log(f"parity ok on {report['images']} images "
         f"(max |d score| {report['max_score_abs_diff']:.2e})")
     return {"path": str(path), "bytes": path.stat().st_size, "parity": report}
