@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from hopgate.bundle import OUTPUTS, load_meta
 
-from .attach_config import AttachConfig, AttachError
+from .attach_config import AttachConfig, AttachError, auto_shrinkage
 from .attach_data import far_ood, folder_labels, load_folder
 from .calibrate import (
     VerdictError,
@@ -104,6 +104,10 @@ def fit_head(cfg: AttachConfig, phi: np.ndarray, labels: np.ndarray, num_classes
     placed in a bank per class of the classifier; a class without training features keeps
     an all-padding bank, so an image predicted as it is OOD."""
     m = cfg.memory
+    if m.geometry == "gaussian" and "shrinkage" not in m.model_fields_set:
+        m = m.model_copy(update={"shrinkage": auto_shrinkage(*phi.shape)})
+        log(f"memory.shrinkage unset: {m.shrinkage if m.shrinkage is not None else 'Ledoit-Wolf'}"
+            f" for {phi.shape[0]} images of {phi.shape[1]}-d features (set it to choose)")
     present, compact = np.unique(labels, return_inverse=True)
     mem = fit_memory(prepare_features(torch.from_numpy(phi), m.feature_norm),
                      torch.from_numpy(compact.astype(np.int64)), len(present), fit_settings(m),
@@ -136,7 +140,7 @@ def export_head(head: RecLagHead, dim: int, classes: int, tau: float,
         program = torch.onnx.export(
             _HeadGraph(head.eval()), example, dynamo=True, opset_version=opset,
             input_names=["phi", "logits", "log_lambda"], output_names=list(OUTPUTS),
-            dynamic_shapes=({0: batch}, {0: batch}, None), optimize=True)
+            dynamic_shapes=({0: batch}, {0: batch}, None), optimize=True, verbose=False)
     proto = program.model_proto
     _make_threshold_overridable(proto, tau)
     return proto

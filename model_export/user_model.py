@@ -61,7 +61,7 @@ def _export_torch(module, pre: Preprocess, opset: int, scripted: bool) -> onnx.M
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.onnx.export(module, (x,), dynamo=True, opset_version=opset,
                                     input_names=["input"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), optimize=True)
+                                    dynamic_shapes=({0: batch},), optimize=True, verbose=False)
     return program.model_proto
 
 

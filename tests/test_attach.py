@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from hopgate.bundle import load_meta
 from hopgate.model_export import data
-from hopgate.model_export.attach_config import AttachConfig, load_attach_config
+from hopgate.model_export.attach_config import AttachConfig, auto_shrinkage, load_attach_config
 from hopgate.model_export.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +28,21 @@ SHAPES = ("circle", "square", "triangle")
 def test_attach_gate_is_the_default_variant():
     """The attach config's memory defaults are the gate configs/default.yaml ships."""
     default = load_config(ROOT / "configs" / "default.yaml")
-    assert AttachConfig().memory == default.memory
+    # shrinkage left unset is chosen from the data (auto_shrinkage); everything else is equal
+    assert "shrinkage" not in AttachConfig().memory.model_fields_set
+    assert AttachConfig().memory.model_copy(update={"shrinkage": 0.0}) == default.memory
     assert AttachConfig().calibrate == default.calibrate
     partial = load_attach_config(None, {"memory.shrinkage": 0.5})  # the rest stays
     assert partial.memory == default.memory.model_copy(update={"shrinkage": 0.5})
+    assert "shrinkage" in partial.memory.model_fields_set
+
+
+def test_unset_shrinkage_follows_images_per_dimension():
+    """docs/attach.md: the small classifier (525 images, 32-d) unshrunk; EfficientNet-Lite0
+    (416 images, 1,280-d), whose unshrunk covariance is singular, Ledoit-Wolf."""
+    assert auto_shrinkage(525, 32) == 0.0
+    assert auto_shrinkage(416, 1280) is None
+    assert auto_shrinkage(54_000, 64) == 0.0
 
 
 # --- graph surgery on hand-made graphs (fast: onnx and onnxruntime only) -------------------
@@ -359,6 +370,7 @@ def test_attach_efficientnet_lite0_imagenet(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "features: mean (input of the final Gemm/MatMul)" in out
     assert "pseudo-labels" in out
+    assert "memory.shrinkage unset: Ledoit-Wolf" in out  # 1,280-d from 416 images
     meta = load_meta(bundle)
     assert len(meta.class_names) == 1000 and meta.backbone == "attached:lite0.onnx"
     cfg = load_attach_config(config)
