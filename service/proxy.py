@@ -134,7 +134,8 @@ def verdict_headers(results: list[ImageResult], version: str) -> dict[str, str]:
 def upstream_url(settings: Settings, request: Request) -> str:
     """The upstream's origin, the request's own path and query."""
     base = httpx.URL(settings.upstream_url or "")
-    return str(base.copy_with(path=request.url.path, query=request.url.query.encode()))
+    query = request.url.query.encode() or None  # b"" would send "/predict?"
+    return str(base.copy_with(path=request.url.path, query=query))
 
 
 def forwarded_request_headers(request: Request) -> dict[str, str]:

@@ -121,6 +121,7 @@ def test_unchanged_client_enforce(tmp_path, images):
             r = c.post("/predict", content=body, headers={"content-type": ctype})
             assert r.status_code == 201 and r.headers["x-hopgate-ood"] == "false"
             assert stub.seen[-1]["body"] == body and stub.seen[-1]["type"] == ctype
+            assert stub.seen[-1]["path"] == "/predict"  # the path as sent: no stray "?"
             body, ctype = multipart(ood_png)
             assert c.post("/predict", content=body,
                           headers={"content-type": ctype}).status_code == 403
