@@ -134,7 +134,6 @@ def step_exemplars(cfg, progress: bool = True, sets=None) -> dict:
     size = write(cfg.output, found)
     kept = sum(len(t) for t in found.images)
     empty = sum(not t for t in found.images)
-    if progress:
-        print(f"[hopgate-export] exemplars: {kept} thumbnails for {len(found.images)} memories "
-              f"({empty} without), bundle {size / 1e6:.2f} MB", flush=True)
+    print(f"[hopgate-export] exemplars: {kept} thumbnails for {len(found.images)} memories "
+          f"({empty} without), bundle {size / 1e6:.2f} MB", flush=True)
     return {"thumbnails": kept, "memories_without": empty, "bytes": size}

@@ -8,6 +8,7 @@ Python, so the graph holds no Loop op and every shape but B is static.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from tqdm.auto import tqdm
 from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
 
 from .model import GatedModel
+
+# torch's ONNX exporter warns, on every export, that torchvision (never used here) is missing
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 class ParityError(RuntimeError):
@@ -67,6 +71,8 @@ def ort_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # errors only: the overridable log_lambda initializer is by design (hopgate/bundle.py)
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
