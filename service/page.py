@@ -22,11 +22,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
-
-from hopgate import __version__
+from pydantic import Field
 
 from .lifecycle import require_ready, scorer_of
+from .schema import ModelInfo
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
@@ -44,16 +43,12 @@ def swagger_assets() -> Path:
     return Path(str(files("fastapi_offline") / "static"))
 
 
-class PageModel(BaseModel):
-    name: str = Field(description="Bundle name")
-    version: str = Field(description="Bundle version")
-    hopgate_version: str = Field(description="hopgate version serving it")
-    threshold: float = Field(description="Calibrated log-domain threshold: OOD iff score < it")
-    target_tpr: float = Field(description="Share of ID images the threshold keeps")
+class PageModel(ModelInfo):
+    """What /score's ``model`` says, plus what the page draws."""
+
     score_quantiles: list[float] = Field(description="Evenly spaced quantiles of the ID "
                                          "calibration scores (the ID score distribution)")
     calibration_size: int = Field(description="ID images the quantiles were taken from")
-    classes: list[str] = Field(description="Class names, by class index")
     memories: int = Field(description="Memories in the bundle (GET /memories/{index})")
     exemplars: bool = Field(description="Whether the bundle carries memory exemplars")
 
@@ -72,11 +67,10 @@ async def favicon() -> Response:
             summary="What the web page draws: the ID score distribution and the threshold")
 async def page_model(request: Request) -> PageModel:
     require_ready(request)
-    m = scorer_of(request).meta
-    return PageModel(name=m.name, version=m.model_version, hopgate_version=__version__,
-                     threshold=m.threshold, target_tpr=m.target_tpr,
-                     score_quantiles=m.score_quantiles, calibration_size=m.calibration_size,
-                     classes=m.class_names, memories=m.memory_count,
+    scorer = scorer_of(request)
+    m = scorer.meta
+    return PageModel(**scorer.model_info().model_dump(), score_quantiles=m.score_quantiles,
+                     calibration_size=m.calibration_size, memories=m.memory_count,
                      exemplars=m.exemplars is not None)
 
 
