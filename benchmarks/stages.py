@@ -37,7 +37,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
                             "Scorer.decode_all")),
     ("HTTP: h11 + socket I/O", ("h11", "selector_events", "transport.py", "httptools")),
     ("middleware + routing (envelope, admission, Starlette, FastAPI)", (
-        "app.py", "admission.py", "starlette/", "fastapi/", "routes_score.py", "scoring.py",
+        "app.py", "admission.py", "starlette/", "fastapi/", "routes/score.py", "scoring.py",
         "lifecycle.py", "errors.py", "anyio/")),
     ("event loop (select, scheduling)", ("base_events", "selectors", "events.py", "tasks.py",
                                          "asyncio/", "threading.py")),

@@ -1,6 +1,6 @@
 """The pixel policy shared by training and serving: how an image becomes the model's input.
 
-Training (``hopgate.model_export.data``) and the service (``hopgate.service.imaging``) both
+Training (``hopgate.model_export.data.sources``) and the service (``hopgate.service.imaging``) both
 call ``fit``, so the model never sees pixels resized one way in training and another way in
 production.
 """

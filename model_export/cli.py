@@ -35,7 +35,7 @@ def _overrides(pairs: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["attach"]:  # its own arguments: a gate for the user's classifier
-        from .attach_cli import main as attach
+        from .attach.cli import main as attach
 
         return attach(argv[1:])
     ap = argparse.ArgumentParser(prog="hopgate-export", description=__doc__)
@@ -75,23 +75,23 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = load_config(args.config, _overrides(args.set))
     from . import pipeline  # torch is imported only once the config is known to be good
-    from .splits import Sets
+    from .data.splits import Sets
 
     progress = not args.no_progress
     sets = Sets(cfg)  # the command's data, each set loaded at most once
     if args.command == "openset":
-        from .openset import prepare
+        from .evaluation.openset import prepare
 
         report = prepare(cfg, progress)
     elif args.command == "evaluate" and args.report:
-        from .report import run_report
+        from .evaluation.report import run_report
 
         extra = [load_config(c) for c in args.extra]
         command = " ".join(["hopgate-export"] + (argv if argv is not None else sys.argv[1:]))
         report = run_report(cfg, args.report, extra, command=command, n_boot=args.bootstrap,
                             progress=progress)
     elif args.command == "evaluate":
-        from .evaluate import format_quick, quick_report
+        from .evaluation.evaluate import format_quick, quick_report
 
         report = quick_report(cfg, progress, sets)
         print(format_quick(report))
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report = (pipeline.build(cfg, progress, sets) if args.command == "build"
                   else pipeline.STEPS[args.command](cfg, progress, sets))
         if args.command in ("build", "export") and not args.no_card:  # the bundle's card
-            from .card import write_card
-            from .evaluate import quick_report
+            from .evaluation.card import write_card
+            from .evaluation.evaluate import quick_report
 
             exported = report["export"] if args.command == "build" else report
             card = write_card(cfg, exported, quick_report(cfg, progress, sets), args.config,

@@ -110,7 +110,7 @@ class GregConfig(_Strict):
     grad_scaling: Literal["code", "paper"] = "code"  # code: 1/n_group per gradient (greg.md §3.3.2)
     m_in: float = -11.0
     m_aux: float = -5.0
-    aux_pool: int = Field(6000, gt=0)  # auxiliary outlier images (model_export/outliers.py)
+    aux_pool: int = Field(6000, gt=0)  # auxiliary outlier images (model_export/data/outliers.py)
     candidates: int = Field(4, ge=2)  # GReg+: candidate outliers per ID sample per step
     train_subset: int | None = Field(None, gt=0)  # ID images per epoch (None = all)
 
@@ -194,7 +194,7 @@ Config = TypeVar("Config", bound=BaseModel)
 def load_config(path: str | Path | None, overrides: dict | None = None,
                 schema: type[Config] = BuildConfig) -> Config:  # type: ignore[assignment]
     """Read a YAML or JSON config (None = all defaults) as ``schema`` (the build config, or
-    attach_config.AttachConfig); ``overrides`` are dotted keys."""
+    attach.config.AttachConfig); ``overrides`` are dotted keys."""
     raw: dict = {}
     if path is not None:
         path = Path(path)

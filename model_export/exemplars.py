@@ -124,7 +124,7 @@ def sample(n: int, size: int, seed: int) -> np.ndarray:
 
 def step_exemplars(cfg, progress: bool = True, sets=None) -> dict:
     """The build step: exemplars from the config's training split into ``cfg.output``."""
-    from .splits import Sets
+    from .data.splits import Sets
 
     sets = sets or Sets(cfg)
     train = sets.train

@@ -15,7 +15,7 @@
   L2-normalised penultimate features, and per cluster the lowest-energy member (hard: feeds
   L_S) and the highest-energy one (well detected: feeds L_gradS), filled up randomly to 2B.
 * Fine-tuning (``greg.init`` = a backbone.pt) or training from scratch (``init: null``); Adam
-  as in the official fine-tuning runs. Outliers come from model_export/outliers.py, disjoint
+  as in the official fine-tuning runs. Outliers come from model_export/data/outliers.py, disjoint
   from every test OOD set.
 
 The result is an ordinary backbone: fit, calibrate, export and the service do not change.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .outliers import pool_cache
+from .data.outliers import pool_cache
 from .train import augment
 
 

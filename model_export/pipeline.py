@@ -25,14 +25,14 @@ from .calibrate import (
     quantile_table,
     threshold_at_tpr,
 )
-from .clientpath import calibration_images, simulate
 from .config import BuildConfig
+from .data.clientpath import calibration_images, simulate
+from .data.splits import Sets
 from .exemplars import step_exemplars
 from .export import check_parity, export_onnx
 from .fit import fit_memory
 from .recipe import bundle_meta, fit_settings, load_backbone, load_model, make_backbone
 from .reclag import prepare_features
-from .splits import Sets
 from .train import extract, plan, train_classifier
 
 
@@ -116,7 +116,7 @@ def step_calibrate(cfg: BuildConfig, progress: bool = True, sets: Sets | None = 
     holdout = sets.holdout
     model, _ = load_model(cfg)
     images = calibration_images(holdout.images, cfg.calibrate.client_path, cfg.seed,
-                                cfg.data.resize)  # what clients send (clientpath.py)
+                                cfg.data.resize)  # what clients send (data/clientpath.py)
     with torch.no_grad():
         phi, logits = extract(model.backbone, model.normalize, images, progress=progress,
                               desc="calibration scores")

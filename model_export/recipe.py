@@ -19,7 +19,7 @@ from hopgate import __version__
 from hopgate.bundle import BundleMeta
 
 from . import backbones
-from .attach_config import AttachConfig
+from .attach.config import AttachConfig
 from .config import BuildConfig, MemoryConfig
 from .fit import FitConfig
 from .model import GatedModel, Normalize

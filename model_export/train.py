@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .clientpath import simulate
-from .data import Split
+from .data.clientpath import simulate
+from .data.sources import Split
 from .model import Normalize
 
 # Small data (a few hundred images) needs more epochs than Fashion-MNIST's 4 to train at all:

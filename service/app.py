@@ -8,10 +8,10 @@
     exception that escapes a route is answered 500 ``internal``, counted and logged with its
     traceback and request id (never its message: it may hold paths or object reprs);
   * errors: one body shape, FastAPI's own included (errors.install_handlers);
-  * routes: /score (routes_score.py), health/readiness/metrics (routes_ops.py), V2 (v2.py),
-    /memories (routes_memories.py), the web page and offline /docs (page.py: the page and
+  * routes: /score (routes/score.py), health/readiness/metrics (routes/ops.py), V2 (v2/routes.py),
+    /memories (routes/memories.py), the web page and offline /docs (routes/page.py: the page and
     its files need no API key),
-    the classifier's own routes in sidecar mode (proxy.py, ``HOPGATE_PROXY_ROUTES``);
+    the classifier's own routes in sidecar mode (sidecar/proxy.py, ``HOPGATE_PROXY_ROUTES``);
   * counted (``hopgate_requests_total``, the access log): /score, V2 models, proxied routes;
     404 and 405 are always ``not_found`` / ``method_not_allowed``, an answer with no reason
     recorded is ``ok`` below 400, ``bad_input`` for another 4xx, ``internal`` for a 5xx. The
@@ -35,12 +35,17 @@ from starlette.datastructures import State
 
 from hopgate import __version__
 
-from . import page, proxy, routes_memories, routes_ops, routes_score, v2
 from .config import Settings
 from .errors import V2_PREFIX, ClientError, error_response, install_handlers, internal_error
 from .imaging import set_pillow_limit
 from .lifecycle import init_state, lifespan
 from .metrics import request_verdicts
+from .routes import memories as routes_memories
+from .routes import ops as routes_ops
+from .routes import page
+from .routes import score as routes_score
+from .sidecar import proxy
+from .v2 import routes as v2
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -63,14 +63,14 @@ class Settings(BaseSettings):
     log_requests: bool = True
     reload_poll_s: float = Field(0.0, ge=0)  # reload when the bundle file changes (0: off)
 
-    # gatekeeper mode (service/gate.py): forward ID images to this upstream classifier
+    # gatekeeper mode (service/sidecar/gate.py): forward ID images to this upstream classifier
     upstream_url: str | None = None
     upstream_timeout_s: float = Field(5.0, gt=0)  # the whole call: connect, send, read
     upstream_max_body_bytes: int = Field(1024 * 1024, gt=0)  # larger answers get the policy
     upstream_policy: str = "fail_closed"  # fail_open | fail_closed
     gate_ood_status: int = Field(422, ge=200, le=599)
     gate_ood_body: str = ""  # JSON object merged into OOD answers
-    # transparent sidecar (service/proxy.py): the classifier's own routes, proxied through
+    # transparent sidecar (service/sidecar/proxy.py): the classifier's own routes, proxied through
     proxy_routes: list[str] = []  # exact paths, e.g. ["/predict"]
     proxy_methods: list[str] = ["POST"]
     gate_mode: Literal["enforce", "shadow"] = "enforce"  # shadow: forward all, only label

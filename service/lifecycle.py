@@ -29,10 +29,10 @@ from starlette.datastructures import State
 from .admission import Admission
 from .config import Settings
 from .errors import V2_PREFIX, Unavailable
-from .gate import Gate
 from .metrics import Metrics
 from .reload import Reloader, describe, load_runtime, start_core
 from .scoring import Scorer
+from .sidecar.gate import Gate
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

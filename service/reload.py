@@ -1,7 +1,7 @@
 """Hot reload: a new bundle served without one failed request.
 
 Triggers: SIGHUP, a change of the bundle file (``reload_poll_s`` > 0: its size and mtime are
-polled), or the V2 repository call ``POST /v2/repository/models/{name}/load`` (v2_repository.py).
+polled), or the V2 repository call ``POST /v2/repository/models/{name}/load`` (v2/repository.py).
 Each reads the bundle at the configured path (``HOPGATE_MODEL``): replace that file (an
 atomic rename), then trigger.
 

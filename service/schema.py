@@ -1,7 +1,7 @@
 """The /score response schema: these models build every /score response, so the OpenAPI
 document and what goes over the wire are one and the same.
 
-A result carries either the verdict fields or only ``error``; the gate (gate.py) adds
+A result carries either the verdict fields or only ``error``; the gate (sidecar/gate.py) adds
 ``upstream`` (the upstream's answer) or ``held_back`` (an OOD image it never forwarded).
 Responses are rendered with ``exclude_unset``: a field that was never set is absent, not
 ``null`` (a failed image has only ``error``; gate fields appear only in gatekeeper mode).

@@ -13,7 +13,7 @@ results. One ``Scorer`` per app, built at startup (lifecycle.py).
 
 ``run`` and ``score`` take the request's threshold (``log_lambda``, threshold.py; None: the
 bundle's). A ``Scorer`` is one loaded bundle: a reload (reload.py) builds a new one beside
-it; ``users`` counts the requests pinned to it, ``stats`` feeds V2 statistics (v2_repository.py).
+it; ``users`` counts the requests pinned to it, ``stats`` feeds V2 statistics (v2/repository.py).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hopgate.bundle import load_meta
-from hopgate.model_export import data
-from hopgate.model_export.attach_config import AttachConfig, auto_shrinkage, load_attach_config
+from hopgate.model_export.attach.config import AttachConfig, auto_shrinkage, load_attach_config
 from hopgate.model_export.config import load_config
+from hopgate.model_export.data import sources as data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ("circle", "square", "triangle")
@@ -76,7 +76,7 @@ def _classifier(tail: str, hw: int = 4, batch="batch"):
 @pytest.mark.parametrize("tail, logits", [("gemm", "out"), ("matmul_add", "out"),
                                           ("softmax", "z")])
 def test_features_are_the_input_of_the_final_matmul(tail, logits):
-    from hopgate.model_export.onnx_surgery import find_features, find_logits
+    from hopgate.model_export.attach.surgery import find_features, find_logits
 
     model = _classifier(tail)
     found, _ = find_logits(model, None)
@@ -85,16 +85,16 @@ def test_features_are_the_input_of_the_final_matmul(tail, logits):
 
 
 def test_no_final_matmul_asks_for_the_features_tensor():
-    from hopgate.model_export.attach_config import AttachError
-    from hopgate.model_export.onnx_surgery import find_features
+    from hopgate.model_export.attach.config import AttachError
+    from hopgate.model_export.attach.surgery import find_features
 
     with pytest.raises(AttachError, match="--features"):
         find_features(_classifier("relu"), "out")
 
 
 def test_input_must_match_the_preprocessing():
-    from hopgate.model_export.attach_config import AttachError, Preprocess
-    from hopgate.model_export.user_model import check_input
+    from hopgate.model_export.attach.classifier import check_input
+    from hopgate.model_export.attach.config import AttachError, Preprocess
 
     assert check_input(_classifier("gemm"), Preprocess(size=(4, 4))) == "x"
     with pytest.raises(AttachError, match="preprocess.size"):
@@ -126,8 +126,8 @@ def test_preprocess_graph_is_the_stated_preprocessing(order, layout, scale):
     """The in-graph preprocessing equals a plain numpy statement of the config."""
     import onnxruntime as ort
 
-    from hopgate.model_export.attach_config import Preprocess
-    from hopgate.model_export.onnx_surgery import preprocess_graph
+    from hopgate.model_export.attach.config import Preprocess
+    from hopgate.model_export.attach.surgery import preprocess_graph
 
     pre = Preprocess(size=(5, 7), mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 2.0], scale=scale,
                      channel_order=order, layout=layout)
@@ -202,8 +202,8 @@ def serve_and_check(bundle: Path, cfg: AttachConfig, user_onnx: Path, id_blobs, 
     import httpx
     import onnxruntime as ort
 
+    from hopgate.model_export.evaluation.metrics import ood_metrics
     from hopgate.model_export.export import ort_session, run_ort
-    from hopgate.model_export.metrics import ood_metrics
     from hopgate.service.local import local_server
 
     blobs = id_blobs + ood_blobs
@@ -407,7 +407,7 @@ def test_attach_pytorch_classifier(tmp_path, capsys, monkeypatch, kind):
     weights in ``<bundle>.data`` is lowered to 1 kB, so that path runs on a small model."""
     import torch
 
-    from hopgate.model_export import onnx_surgery
+    from hopgate.model_export.attach import surgery as onnx_surgery
 
     if kind == "external_data":
         monkeypatch.setattr(onnx_surgery, "LARGE_BYTES", 1000)

@@ -15,9 +15,9 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from hopgate.model_export import baselines as B
-from hopgate.model_export.detector import Features, Linear
-from hopgate.model_export.detectors import BASELINES, Options, fit_detectors
+from hopgate.model_export.evaluation import baselines as B
+from hopgate.model_export.evaluation.detector import Features, Linear
+from hopgate.model_export.evaluation.detectors import BASELINES, Options, fit_detectors
 
 
 def _auroc(id_s, ood_s):
@@ -116,9 +116,9 @@ def test_react_he_she_definitions(synthetic):
 def real_features(quick_build):
     """Features of the quick bundle's backbone on real images: a train subset, ID test, noise
     and photo patches."""
-    from hopgate.model_export import data
+    from hopgate.model_export.data import sources as data
+    from hopgate.model_export.data.splits import id_splits, id_test
     from hopgate.model_export.recipe import load_backbone
-    from hopgate.model_export.splits import id_splits, id_test
     from hopgate.model_export.train import extract
 
     cfg, _ = quick_build

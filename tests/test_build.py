@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from hopgate.bundle import load_meta
-from hopgate.model_export import data
 from hopgate.model_export.config import BuildConfig, ConfigError, load_config
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.data.splits import id_test
 from hopgate.model_export.export import ort_session, run_ort
-from hopgate.model_export.splits import id_test
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "default.onnx"
@@ -87,7 +87,7 @@ def test_missing_dataset_gives_the_install_command(tmp_path):
 
 
 def test_all_configs_in_the_repo_load():
-    from hopgate.model_export.attach_config import AttachConfig
+    from hopgate.model_export.attach.config import AttachConfig
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):  # attach_*: `hopgate-export attach`
         load_config(path, schema=AttachConfig if path.name.startswith("attach_") else BuildConfig)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hopgate.model_export import data
 from hopgate.model_export.cli import main
 from hopgate.model_export.config import load_config
-from hopgate.model_export.splits import Sets
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.data.splits import Sets
 from hopgate.model_export.train import MIN_STEPS, plan
 
 SHAPES = ("circle", "square", "triangle")
@@ -197,8 +197,8 @@ def test_service_settings_errors_are_one_line(monkeypatch, capsys, env, expected
 @pytest.mark.slow  # trains a small backbone (~120 steps) and exports
 def test_readme_byo_flow_builds_with_defaults_and_screens(tmp_path, capsys):
     from hopgate.bundle import load_meta
+    from hopgate.model_export.evaluation.metrics import ood_metrics
     from hopgate.model_export.export import ort_session, run_ort
-    from hopgate.model_export.metrics import ood_metrics
 
     folder = shapes(tmp_path / "shapes", 60, 0)  # 3 x 60 images, 64 px RGB
     cfg = readme_config(tmp_path, folder)  # no data.test: the card uses the hold-out

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from hopgate.client import AsyncClient, Client, Retry, ScoreError
-from hopgate.client_retry import retry_after_seconds
+from hopgate.client.retry import retry_after_seconds
 from hopgate.service.local import local_server
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
@@ -44,7 +44,9 @@ def png(a: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def fashion_images() -> np.ndarray:
-    from hopgate.model_export import data  # numpy + Pillow; the Debian dataset files
+    from hopgate.model_export.data import (
+        sources as data,  # numpy + Pillow; the Debian dataset files
+    )
 
     return data.fashion_mnist("test").images[:24, ..., 0]  # [24, 28, 28] uint8
 

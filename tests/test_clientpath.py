@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hopgate.model_export import clientpath as cp
-from hopgate.model_export import data, render
+from hopgate.model_export.data import clientpath as cp
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.evaluation import render
 from hopgate.pixels import fit, resample_for
 from hopgate.service.imaging import decode
 
@@ -135,9 +136,9 @@ def test_promise_holds_per_client_encoding(quick_build):
     """Every client encoding of unseen ID test images: accepted share within 0.03 of the target
     TPR (the issue's tolerance for the quick config; a bilinear downscale or a native-only
     calibration each move the served shares by about 0.012 on the quick build)."""
-    from hopgate.model_export.evaluate import served_table
+    from hopgate.model_export.data.splits import id_test
+    from hopgate.model_export.evaluation.evaluate import served_table
     from hopgate.model_export.recipe import load_model
-    from hopgate.model_export.splits import id_test
 
     cfg, _ = quick_build
     assert cfg.calibrate.client_path > 0 and cfg.backbone.client_path > 0
@@ -152,9 +153,9 @@ def test_calibration_is_set_on_what_clients_send(quick_build):
     """The recorded p-value table is the score table of the hold-out with its client-path share
     sent (clientpath.calibration_images), not of the native hold-out."""
     from hopgate.model_export.calibrate import quantile_table
-    from hopgate.model_export.evaluate import torch_scores
+    from hopgate.model_export.data.splits import Sets
+    from hopgate.model_export.evaluation.evaluate import torch_scores
     from hopgate.model_export.recipe import load_model
-    from hopgate.model_export.splits import Sets
 
     cfg, _ = quick_build
     model, calib = load_model(cfg)

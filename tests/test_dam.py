@@ -127,7 +127,7 @@ def dam_bundle(quick_build, tmp_path_factory):
 def test_dam_bundle_is_served_unchanged(dam_bundle, tmp_path):
     import httpx
 
-    from hopgate.model_export import data
+    from hopgate.model_export.data import sources as data
     from hopgate.service.local import local_server
 
     cfg = dam_bundle

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hopgate.model_export import detectors as D
 from hopgate.model_export.config import MemoryConfig
-from hopgate.model_export.detector import Detector, Features, Linear
+from hopgate.model_export.evaluation import detectors as D
+from hopgate.model_export.evaluation.detector import Detector, Features, Linear
 from hopgate.model_export.reclag import RecLagHead
 
 

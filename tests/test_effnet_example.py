@@ -56,7 +56,7 @@ def test_readme_effnet_example_gives_one_verdict(tmp_path):
     assert cfg.memory.geometry == "dot" and cfg.memory.feature_norm is None
     pipeline.build(cfg, progress=False)  # raises on any flag/score disagreement
     meta = load_meta(cfg.output)
-    from hopgate.model_export.splits import id_test
+    from hopgate.model_export.data.splits import id_test
 
     ids = id_test(cfg)
     out = run_ort(ort_session(cfg.output), ids.images)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hopgate.model_export import data
 from hopgate.model_export.calibrate import accepted_share
-from hopgate.model_export.evaluate import torch_scores
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.data.splits import id_test
+from hopgate.model_export.evaluation.evaluate import torch_scores
+from hopgate.model_export.evaluation.metrics import bootstrap_ci, ood_metrics
 from hopgate.model_export.export import ort_session, run_ort
-from hopgate.model_export.metrics import bootstrap_ci, ood_metrics
 from hopgate.model_export.recipe import load_model
-from hopgate.model_export.splits import id_test
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,11 @@ def test_report_scores_are_bundle_scores(bench, tmp_path):
     running the whole model on the images."""
     import shutil
 
-    from hopgate.model_export.ablations import steps_rows
-    from hopgate.model_export.detectors import REGISTRY, Options
-    from hopgate.model_export.feature_cache import build_cache, cache_path
-    from hopgate.model_export.methods import set_scores
-    from hopgate.model_export.splits import Sets
+    from hopgate.model_export.data.feature_cache import build_cache, cache_path
+    from hopgate.model_export.data.splits import Sets
+    from hopgate.model_export.evaluation.ablations import steps_rows
+    from hopgate.model_export.evaluation.detectors import REGISTRY, Options
+    from hopgate.model_export.evaluation.methods import set_scores
 
     cfg, model, _, _ = bench
     shutil.copy(cfg.workdir / "backbone.pt", tmp_path / "backbone.pt")

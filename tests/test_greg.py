@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from hopgate.bundle import load_meta
-from hopgate.model_export import backbones, data, outliers
+from hopgate.model_export import backbones
 from hopgate.model_export.config import GregConfig
+from hopgate.model_export.data import outliers
+from hopgate.model_export.data import sources as data
 from hopgate.model_export.greg import free_energy, greg_loss, select_outliers
 from hopgate.model_export.model import Normalize
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from hopgate.model_export import recipe, splits
+from hopgate.model_export import recipe
 from hopgate.model_export.config import MemoryConfig, load_config
+from hopgate.model_export.data import splits
 from hopgate.model_export.fit import FitConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hopgate.model_export import render
+from hopgate.model_export.evaluation import render
 
 METRICS = {"auroc": 0.9, "aupr_in": 0.8, "aupr_out": 0.7, "fpr95_ood_accepted": 0.3,
            "fpr95_id_rejected": 0.2, "detection_error": 0.1, "auroc_ci": (0.85, 0.95)}

@@ -1,12 +1,13 @@
-"""Attacks on the gate (model_export/robustness.py) against the quick build's real model."""
+"""Attacks on the gate (model_export/evaluation/robustness.py) against the quick build's real
+model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hopgate.model_export import data
-from hopgate.model_export.robustness import attack, flip_rate, verdicts
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.evaluation.robustness import attack, flip_rate, verdicts
 
 pytestmark = pytest.mark.slow  # every test here attacks the quick build's model
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from hopgate.screen import list_inputs
-from hopgate.screen_output import Output
-from hopgate.screen_summary import summarise
+from hopgate.screen.output import Output
+from hopgate.screen.summary import summarise
 from hopgate.service import screening
 from hopgate.service.local import local_server
 from hopgate.service.scoring import Scorer
@@ -33,7 +33,9 @@ ID_IMAGES, NOISE_IMAGES = 920, 80
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """imgs/fashion/*.png (ID) and imgs/noise/{grey,rgb}/*.png (OOD): 1,000 images."""
-    from hopgate.model_export import data  # numpy + Pillow; the Debian dataset files
+    from hopgate.model_export.data import (
+        sources as data,  # numpy + Pillow; the Debian dataset files
+    )
 
     root = tmp_path_factory.mktemp("screen") / "imgs"
     for sub in ("fashion", "noise/grey", "noise/rgb"):

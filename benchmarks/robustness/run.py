@@ -4,7 +4,7 @@ GReg backbone and DAM energies, white-box (PGD, FGSM in L-inf) and transfer.
     python benchmarks/robustness/run.py [--n 200] [--models default greg dam_n2 dam_n10 ...]
 
 Needs the built work dirs (configs/<name>.yaml -> artifacts/<name>/). Writes results.json and
-README.md next to this file. Attacks: model_export/robustness.py.
+README.md next to this file. Attacks: model_export/evaluation/robustness.py.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from hopgate.machine import cpu_name
-from hopgate.model_export import data
 from hopgate.model_export.config import load_config
-from hopgate.model_export.outliers import auxiliary_outliers
-from hopgate.model_export.recipe import backbone_label, load_model
-from hopgate.model_export.robustness import (
+from hopgate.model_export.data import sources as data
+from hopgate.model_export.data.outliers import auxiliary_outliers
+from hopgate.model_export.evaluation.robustness import (
     attack,
     feature_shifts,
     flip_rate,
     stability_margins,
     verdicts,
 )
+from hopgate.model_export.recipe import backbone_label, load_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -263,7 +263,7 @@ def markdown(res) -> str:
     lines += ["", MARGIN_VERDICT]
     lines += ["", "## GReg's auxiliary outliers", "",
               "Sources: " + ", ".join(res["aux_outlier_sources"]) + ". None of them is in a test "
-              "OOD set (model_export/outliers.py; tests/test_greg.py checks the source names "
+              "OOD set (model_export/data/outliers.py; tests/test_greg.py checks the source names "
               "and every image's hash). "
               "Disjoint is not unlike, though: the rendered symbols share fonts with the glyph "
               "set's letters, the thresholded blob textures resemble the smoothed-noise half of "

@@ -80,7 +80,9 @@ def images():
     import onnxruntime as ort
 
     from hopgate.bundle import INPUT_IMAGES, OUTPUTS
-    from hopgate.model_export import data  # numpy + Pillow (+ scikit-learn for the digits)
+    from hopgate.model_export.data import (
+        sources as data,  # numpy + Pillow (+ scikit-learn for the digits)
+    )
 
     bundle = Path(__file__).resolve().parents[2] / "models" / "default.onnx"
     sess = ort.InferenceSession(str(bundle), providers=["CPUExecutionProvider"])

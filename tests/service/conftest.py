@@ -72,7 +72,9 @@ def direct() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
 @pytest.fixture(scope="session")
 def fashion():
     """Fashion-MNIST test images (the Debian package ``dataset-fashion-mnist``)."""
-    from hopgate.model_export import data  # numpy + Pillow only; needs the dataset files
+    from hopgate.model_export.data import (
+        sources as data,  # numpy + Pillow only; needs the dataset files
+    )
 
     return data.fashion_mnist("test").subset(np.arange(2000))
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from hopgate.service.errors import ClientError, ImageError
 from hopgate.service.imaging import decode
-from hopgate.service.v2_request import parse_infer
+from hopgate.service.v2.request import parse_infer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow on corrupt tags
 FUZZ = settings(max_examples=300, deadline=2000, derandomize=True,

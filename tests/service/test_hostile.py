@@ -106,7 +106,7 @@ async def test_decode_messages_carry_no_object_reprs(app_client):
     assert r.status_code == 422 and " at 0x" not in r.text and "BytesIO" not in r.text
 
 
-B64_PNG = base64.b64encode(PNGS[0]).decode()  # JSON BYTES: base64 (v2_request)
+B64_PNG = base64.b64encode(PNGS[0]).decode()  # JSON BYTES: base64 (v2/request.py)
 
 
 async def test_a_bug_is_a_counted_logged_500_that_leaks_nothing(anyio_backend, caplog,

@@ -22,7 +22,7 @@ import pytest
 from conftest import in_process, serve
 from inputs import encode
 
-from hopgate.service.page import STATIC
+from hopgate.service.routes.page import STATIC
 
 KEY = "s3cret"
 EXTERNAL = re.compile(r"\b(?:https?|wss?|ftp):|(?:src|href|url)\s*[=(]\s*[\"']?//", re.I)

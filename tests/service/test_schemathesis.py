@@ -1,6 +1,6 @@
 """Issue 14: schemathesis against the live OpenAPI document of a real hopgate-serve on
 loopback (integration tier), every operation, V2 infer included (its request body is the
-pydantic model of service/v2_request.py). Bounded: a few dozen examples per operation,
+pydantic model of service/v2/request.py). Bounded: a few dozen examples per operation,
 positive and negative, so the whole run takes well under a minute.
 
 What must hold on every response: no server error, a status the operation documents, the

@@ -13,7 +13,7 @@ from inputs import ROOT, _exif_rotated, _png, corpus, documented_statuses, encod
 from prometheus_client.parser import text_string_to_metric_families
 
 import hopgate
-from hopgate.model_export import data  # numpy + Pillow only: no torch
+from hopgate.model_export.data import sources as data  # numpy + Pillow only: no torch
 
 integration = pytest.mark.integration
 
@@ -188,7 +188,8 @@ def test_metrics_parse_and_count_what_was_sent(tmp_path, fashion):
 
 
 def test_service_never_imports_torch():
-    code = ("import sys; import hopgate.service.app, hopgate.service.cli, hopgate.service.v2, "
+    code = ("import sys; import hopgate.service.app, hopgate.service.cli, "
+            "hopgate.service.v2.routes, "
             "hopgate.service.batcher; hopgate.service.app.create_app(); "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'hopgate.model_export' not in sys.modules")

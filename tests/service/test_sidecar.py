@@ -1,5 +1,5 @@
-"""The transparent sidecar (service/proxy.py): an unchanged client of a stub classifier, once
-through hopgate in enforce mode and once in shadow mode (integration: real servers on
+"""The transparent sidecar (service/sidecar/proxy.py): an unchanged client of a stub classifier,
+once through hopgate in enforce mode and once in shadow mode (integration: real servers on
 loopback), then the upstream failure policy and the request counting in process (fast)."""
 
 from __future__ import annotations
