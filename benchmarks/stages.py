@@ -35,10 +35,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("body read + parse", ("parsing.py",)),
     ("batcher + queueing", ("batcher.py", "Scorer.run", "DecodePool.one", "DecodePool.inline",
                             "Scorer.decode_all")),
-    ("HTTP: h11 + socket I/O", ("h11", "selector_events", "transport.py", "httptools")),
+    ("HTTP: parser + socket I/O", ("h11", "selector_events", "transport.py", "httptools")),
     ("middleware + routing (envelope, admission, Starlette, FastAPI)", (
         "app.py", "admission.py", "starlette/", "fastapi/", "routes/score.py", "scoring.py",
-        "lifecycle.py", "errors.py", "anyio/")),
+        "routes/direct.py", "lifecycle.py", "errors.py", "anyio/")),
     ("event loop (select, scheduling)", ("base_events", "selectors", "events.py", "tasks.py",
                                          "asyncio/", "threading.py")),
 ]

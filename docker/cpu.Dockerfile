@@ -25,6 +25,10 @@ RUN python3 -m venv /opt/venv \
     && python -m pip install --no-cache-dir -c constraints.txt -c constraints-cpu.txt ".[serve,cpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
+# run from an empty directory: `python -m` (each worker process, service/workers.py) puts the
+# working directory first on sys.path, where the source folder hopgate/ would shadow the
+# installed package (it has no hopgate.service: that maps from service/)
+WORKDIR /opt/hopgate/run
 USER 10001
 EXPOSE 8000
 # mount another bundle and point HOPGATE_MODEL at it to serve your own model

@@ -6,8 +6,9 @@ copy of the key names. It imports neither torch nor onnxruntime, so both sides c
 
 Graph I/O (fixed names):
   inputs   images      uint8 [B, H, W, C]   at the bundle's size; cast/normalise happen in-graph
-           log_lambda  float32 scalar        optional: an overridable initializer holding the
-                                             calibrated log-domain threshold
+           log_lambda  optional float32 scalar  the log-domain threshold; left out, the
+                                             calibrated one (an If on OptionalHasElement; older
+                                             bundles: an initializer that is also an input)
   outputs  score       float32 [B]     the gate's deciding score, min over t <= T of
                                        lse(a_t) on the ungated trajectory: higher = more ID
            is_ood      bool    [B]     the state fell into the origin attractor; equals
@@ -18,6 +19,9 @@ Graph I/O (fixed names):
            energy      float32 [B]     Lyapunov energy of the final state (reclag.hopfield_energy)
            msp         float32 [B]     max softmax probability (baseline score)
            energy_score float32 [B]    logsumexp(logits) (baseline score)
+  optional logits      float32 [B, C]  the classifier's own logits (attached bundles, and
+                                       built ones since it was added): /score's ``top_k``
+                                       probabilities, V2's ``probabilities`` output
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from __future__ import annotations
 import bisect
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from hopgate.pixels import Resize
 
 FORMAT_VERSION = 1
 PREFIX = "hopgate."
@@ -44,6 +51,12 @@ OUTPUTS = (
     "msp",
     "energy_score",
 )
+LOGITS = "logits"  # optional output (the one-pass shape: docs/deploy.md)
+
+
+def served_outputs(names: object) -> tuple[str, ...]:
+    """The outputs a server fetches from a graph whose outputs are ``names``."""
+    return (*OUTPUTS, LOGITS) if LOGITS in names else OUTPUTS  # type: ignore[operator]
 
 
 class BundleError(ValueError):
@@ -73,7 +86,11 @@ class BundleMeta(BaseModel):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     channels: Literal[1, 3]
-    resize: Literal["stretch", "center_crop"] = "stretch"
+    resize: Literal["stretch", "center_crop", "shorter_side"] = "stretch"
+    # the classifier's own filter and centre crop (hopgate.pixels.Resize); bundles made before
+    # these keys existed load with today's policy: auto filter (Lanczos down), no crop
+    resize_filter: Literal["auto", "nearest", "bilinear", "bicubic", "lanczos", "box"] = "auto"
+    crop: float = Field(1.0, gt=0, le=1)
     mean: list[float]
     std: list[float]
     # classifier
@@ -115,6 +132,13 @@ class BundleMeta(BaseModel):
     def memory_count(self) -> int:
         """Memories in the bundle: M per class, or M x classes in one shared bank."""
         return len(self.class_names) * self.memories_per_class
+
+    @property
+    def pixels(self) -> Resize:  # Pillow is imported only where an image is resized
+        """The resize policy the service decodes with: exactly what the bundle states."""
+        from hopgate.pixels import Resize
+
+        return Resize(self.resize, self.resize_filter, self.crop)
 
     def memory_class(self, index: int) -> int | None:
         """The class a memory stands for: per-class banks know it; a shared bank's comes

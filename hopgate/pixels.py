@@ -7,6 +7,8 @@ production.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
@@ -43,15 +45,68 @@ def resample_for(src: tuple[int, int], dst: tuple[int, int]) -> Image.Resampling
     return Image.Resampling.LANCZOS if shrinks else Image.Resampling.BILINEAR
 
 
-def fit(img: Image.Image, height: int, width: int, resize: str = "stretch") -> np.ndarray:
-    """The one resize policy, shared with training (model_export.data.resize): stretch, or
-    centre crop then resize, with the filter of ``resample_for``. ``img`` is already L or RGB.
-    """
-    if resize == "center_crop":
+MODES = ("stretch", "center_crop", "shorter_side")
+FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+           "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+           "box": Image.Resampling.BOX}
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How an image is fitted to the model's size (the bundle's ``resize``, ``resize_filter``
+    and ``crop``; a bundle without the last two keeps today's policy):
+
+    * ``mode``: ``stretch`` (to the size, aspect ignored), ``center_crop`` (the centred square
+      first, then to the size) or ``shorter_side`` (aspect kept: scaled until it covers the
+      size, torchvision's ``Resize(int)``);
+    * ``crop``: the share of the resized image kept, centred: resized to size / crop, then
+      cut to size (torchvision's ``Resize(256)`` + ``CenterCrop(224)`` is ``shorter_side``
+      with crop 0.875); 1 = no crop;
+    * ``filter``: a Pillow filter by name, antialiased when shrinking as Pillow always is
+      (torchvision's own on PIL images); ``auto`` = ``resample_for``."""
+
+    mode: str = "stretch"
+    filter: str = "auto"
+    crop: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"resize {self.mode!r}: one of {', '.join(MODES)}")
+        if self.filter != "auto" and self.filter not in FILTERS:
+            raise ValueError(f"resize filter {self.filter!r}: auto or one of "
+                             f"{', '.join(FILTERS)}")
+        if not 0 < self.crop <= 1:
+            raise ValueError(f"crop {self.crop}: a share in (0, 1]")
+
+
+def as_policy(resize: str | Resize) -> Resize:
+    return resize if isinstance(resize, Resize) else Resize(resize)
+
+
+def _resized(img: Image.Image, size: tuple[int, int], policy: Resize) -> Image.Image:
+    if img.size == size:
+        return img
+    f = resample_for(img.size, size) if policy.filter == "auto" else FILTERS[policy.filter]
+    return img.resize(size, f)
+
+
+def fit(img: Image.Image, height: int, width: int, resize: str | Resize = "stretch"
+        ) -> np.ndarray:
+    """The one resize policy (``Resize``), shared with training (model_export.data.resize)
+    and the service. ``img`` is already L or RGB."""
+    p = as_policy(resize)
+    if p.mode == "center_crop":
         s = min(img.width, img.height)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s))
-    if img.size != (width, height):
-        img = img.resize((width, height), resample_for(img.size, (width, height)))
+    # the size before the final centre crop (the size itself when crop is 1)
+    outer = (round(width / p.crop), round(height / p.crop))
+    if p.mode == "shorter_side":  # aspect kept, the long side truncated as torchvision does
+        k = max(outer[0] / img.width, outer[1] / img.height)
+        outer = (max(outer[0], int(img.width * k)), max(outer[1], int(img.height * k)))
+    img = _resized(img, outer, p)
+    if img.size != (width, height):  # centred, rounded as torchvision's center_crop
+        left, top = round((img.width - width) / 2), round((img.height - height) / 2)
+        img = img.crop((left, top, left + width, top + height))
     arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr

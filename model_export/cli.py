@@ -1,7 +1,6 @@
-"""``hopgate-export``: train | fit | calibrate | export | build | evaluate | openset, from one
-config. ``openset`` writes the open-set benchmark's data and builds its model
-(``model_export.openset``). ``attach`` builds a gate for an existing classifier and takes its
-own arguments (``hopgate-export attach --help``, docs/attach.md).
+"""``hopgate-export``: build a bundle from one config, step by step or at once, or attach a gate
+to an existing classifier. ``hopgate-export --help`` lists the commands, ``hopgate-export CMD
+--help`` shows one command's options.
 
 A mistake in the config, the data or the order of steps ends the command with one line that
 names the problem and the fix (exit 2); anything else with one line too (exit 1). ``--debug``
@@ -32,30 +31,61 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+# each command and its line in ``hopgate-export --help``
+COMMANDS = {
+    "train": "train the backbone classifier on the ID images",
+    "fit": "fit the RecLag memory banks on the backbone's features",
+    "calibrate": "set the threshold at the target TPR on held-out ID images",
+    "export": "write the ONNX bundle and its model card; check parity with PyTorch",
+    "exemplars": "add each memory's class and training images to the bundle (the web page)",
+    "build": "train, fit, calibrate, export and exemplars in one go",
+    "evaluate": "score ID test and far-OOD images (--report DIR: the full benchmark)",
+    "openset": "write the open-set benchmark's data and build its model",
+    "attach": "a gate for an existing classifier (ONNX, TorchScript): docs/attach.md",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<11}{line}" for name, line in COMMANDS.items())
+    ap = argparse.ArgumentParser(
+        prog="hopgate-export", description="Build a hopgate bundle (.onnx) from one config.",
+        epilog=f"commands:\n{listing}\n\nhopgate-export CMD --help shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # the listing, a line each
+    sub = ap.add_subparsers(dest="command", required=True, metavar="CMD",
+                            help="one of the commands below")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c",
+                        help="YAML/JSON build config (default: built-in defaults)")
+    common.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set memory.beta=2 (repeatable)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--json", help="also write the step's report to this JSON file")
+    common.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one line")
+    for name, line in COMMANDS.items():
+        cmd = sub.add_parser(name, description=line[0].upper() + line[1:] + ".",
+                             parents=[] if name == "attach" else [common])
+        cmd.set_defaults(report=None, extra=[], bootstrap=200, no_card=False)
+        if name == "evaluate":
+            cmd.add_argument("--report", metavar="DIR",
+                             help="write the full benchmark (baselines, ablations, plots) to DIR")
+            cmd.add_argument("--with", dest="extra", action="append", default=[],
+                             metavar="CONFIG",
+                             help="--report: also benchmark this config (open-set, EfficientNet)")
+            cmd.add_argument("--bootstrap", type=int, default=200, help="--report: resamples")
+        if name in ("build", "export"):
+            cmd.add_argument("--no-card", action="store_true",
+                             help="skip the model card (and the evaluation it runs)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["attach"]:  # its own arguments: a gate for the user's classifier
         from .attach.cli import main as attach
 
         return attach(argv[1:])
-    ap = argparse.ArgumentParser(prog="hopgate-export", description=__doc__)
-    ap.add_argument("command", choices=["train", "fit", "calibrate", "export", "exemplars",
-                                        "build", "evaluate",
-                                        "openset"])
-    ap.add_argument("--config", "-c", help="YAML/JSON build config (default: built-in defaults)")
-    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set memory.beta=2 (repeatable)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--json", help="also write the step's report to this JSON file")
-    ap.add_argument("--report", metavar="DIR",
-                    help="evaluate: write the full benchmark (baselines, ablations, plots) to DIR")
-    ap.add_argument("--with", dest="extra", action="append", default=[], metavar="CONFIG",
-                    help="evaluate --report: also benchmark this config (open-set, EfficientNet)")
-    ap.add_argument("--bootstrap", type=int, default=200, help="evaluate --report: resamples")
-    ap.add_argument("--no-card", action="store_true",
-                    help="build/export: skip the model card (and the evaluation it runs)")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         return run(args, argv)
     except Exception as e:  # one line, no traceback: the message says what to fix

@@ -1,9 +1,10 @@
 """ONNX export of a GatedModel, the bundle metadata, and the PyTorch <-> onnxruntime parity gate.
 
-The graph: uint8 images [B, H, W, C] (dynamic B) and an overridable scalar ``log_lambda``
-(an initializer that is also a graph input, so a deployment can move the threshold without
-re-export) -> the outputs named in service/bundle.py. The T update steps are unrolled in
-Python, so the graph holds no Loop op and every shape but B is static.
+The graph: uint8 images [B, H, W, C] (dynamic B) and an optional scalar ``log_lambda``
+(the calibrated threshold when left out, so a deployment can move the threshold without
+re-export: ``_make_threshold_overridable``) -> the outputs named in hopgate/bundle.py. The T
+update steps are unrolled in Python, so the graph holds no Loop op and every shape but B is
+static.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from onnx import numpy_helper
 from tqdm.auto import tqdm
 
-from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS, BundleMeta
+from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, LOGITS, OUTPUTS, BundleMeta
 
 from .model import GatedModel
 
@@ -47,6 +48,7 @@ def export_onnx(model: GatedModel, meta: BundleMeta, path: str | Path, opset: in
         )
     proto = program.model_proto
     _make_threshold_overridable(proto, meta.threshold)
+    expose_logits(proto)
     del proto.metadata_props[:]
     for k, v in meta.to_props().items():
         proto.metadata_props.add(key=k, value=v)
@@ -56,22 +58,101 @@ def export_onnx(model: GatedModel, meta: BundleMeta, path: str | Path, opset: in
     return path
 
 
+def expose_logits(proto: onnx.ModelProto) -> str:
+    """Add the bundle's optional ``logits`` output (hopgate.bundle.LOGITS): the tensor the
+    graph's ``pred_class`` ArgMax reads (through Cast/Identity), which is the classifier's
+    logits in built and attached bundles alike. A graph-only edit: no weight, no score
+    changes. Returns the tensor's name."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    if any(o.name == LOGITS for o in proto.graph.output):
+        return LOGITS
+    name = "pred_class"
+    while (node := producers.get(name)) is not None and node.op_type in ("Cast", "Identity"):
+        name = node.input[0]
+    if node is None or node.op_type != "ArgMax":
+        raise ValueError("no ArgMax behind pred_class: the graph's logits cannot be exposed")
+    source = node.input[0]
+    proto.graph.node.append(onnx.helper.make_node("Identity", [source], [LOGITS],
+                                                  name="expose_logits"))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(
+        LOGITS, onnx.TensorProto.FLOAT, ["batch", None]))
+    return source
+
+
+THRESHOLD_VALUE = "log_lambda_value"  # the threshold the gate reads: the input, or its default
+
+
 def _make_threshold_overridable(proto: onnx.ModelProto, threshold: float) -> None:
-    """Give the ``log_lambda`` input a default: an initializer of the same name (ORT treats
-    an initializer that is also a graph input as overridable)."""
-    names = {i.name for i in proto.graph.initializer}
-    if INPUT_LOG_LAMBDA in names:
-        proto.graph.initializer.remove(
-            next(i for i in proto.graph.initializer if i.name == INPUT_LOG_LAMBDA))
-    proto.graph.initializer.append(
-        numpy_helper.from_array(np.asarray(threshold, dtype=np.float32), INPUT_LOG_LAMBDA))
+    """Make the graph input ``log_lambda`` optional, defaulting to ``threshold``.
+
+    The graph's nodes read ``log_lambda_value``: If(OptionalHasElement(log_lambda)) gives the
+    fed value, else a Constant holding the calibrated threshold. So a request may feed its own
+    threshold and a plain ``session.run`` may leave it out. Bundles used to give the default as
+    an initializer that is also a graph input, which onnxruntime accepts for ONNX IR >= 4 only
+    with a warning at every load ("Initializer log_lambda appears in graph inputs and will not
+    be treated as constant value/weight"); IR < 4 would silence it but make the initializer a
+    constant that no one can override. Idempotent, a graph-only edit (no weight changes): it
+    also converts such an older bundle (``scripts/fix-bundle-threshold``)."""
+    graph = proto.graph
+    olds = [i for i in graph.initializer if i.name == INPUT_LOG_LAMBDA]
+    for init in olds:  # the older form's default: the metadata's threshold, as float32
+        graph.initializer.remove(init)
+    source = next((i for i in graph.input if i.name == INPUT_LOG_LAMBDA), None)
+    if source is None:
+        raise ValueError(f"the graph has no '{INPUT_LOG_LAMBDA}' input")
+    if source.type.HasField("optional_type"):  # done already: update the default only
+        node = next(n for n in graph.node if n.output[:] == [THRESHOLD_VALUE])
+        default = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
+        default.attribute[0].t.CopyFrom(numpy_helper.from_array(
+            np.asarray(threshold, np.float32), "default"))
+        return
+    for n in graph.node:  # every reader of the input reads the resolved value instead
+        n.input[:] = [THRESHOLD_VALUE if i == INPUT_LOG_LAMBDA else i for i in n.input]
+    scalar = onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])
+    source.type.CopyFrom(onnx.helper.make_optional_type_proto(scalar))
+    fed = onnx.helper.make_graph(
+        [onnx.helper.make_node("OptionalGetElement", [INPUT_LOG_LAMBDA], ["fed"])], "fed", [],
+        [onnx.helper.make_tensor_value_info("fed", onnx.TensorProto.FLOAT, [])])
+    default = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["default"], value=numpy_helper.from_array(
+            np.asarray(threshold, np.float32), "default"))], "default", [],
+        [onnx.helper.make_tensor_value_info("default", onnx.TensorProto.FLOAT, [])])
+    graph.node.insert(0, onnx.helper.make_node(
+        "OptionalHasElement", [INPUT_LOG_LAMBDA], ["log_lambda_fed"], name="log_lambda_fed"))
+    graph.node.insert(1, onnx.helper.make_node(
+        "If", ["log_lambda_fed"], [THRESHOLD_VALUE], name="log_lambda_or_default",
+        then_branch=fed, else_branch=default))
+
+
+def upgrade_threshold_input(path: str | Path) -> bool:
+    """Rewrite, in place, a bundle whose ``log_lambda`` default is an initializer-input (those
+    exported before issue 22) into the optional input ``_make_threshold_overridable`` makes:
+    onnxruntime stops warning at each load, and no weight, score or metadata changes (the
+    default is the metadata's threshold; an initializer that disagrees is refused).
+    External weights stay where they are. Returns whether the file changed."""
+    from hopgate.bundle import load_meta
+
+    path = Path(path)
+    meta = load_meta(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    source = next((i for i in proto.graph.input if i.name == INPUT_LOG_LAMBDA), None)
+    if source is None or source.type.HasField("optional_type"):
+        return False  # no threshold input, or converted already
+    init = next((i for i in proto.graph.initializer if i.name == INPUT_LOG_LAMBDA), None)
+    if init is not None and numpy_helper.to_array(init) != np.float32(meta.threshold):
+        raise ValueError(f"{path}: log_lambda {numpy_helper.to_array(init)} is not the "
+                         f"metadata's threshold {meta.threshold}")
+    _make_threshold_overridable(proto, meta.threshold)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return True
 
 
 def ort_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    # errors only: the overridable log_lambda initializer is by design (hopgate/bundle.py)
+    # errors only: older bundles' overridable log_lambda initializer warns (hopgate/bundle.py)
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads

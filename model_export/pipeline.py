@@ -27,6 +27,7 @@ from .calibrate import (
 )
 from .config import BuildConfig
 from .data.clientpath import calibration_images, simulate
+from .data.sources import ood_noise, resize_all
 from .data.splits import Sets
 from .exemplars import step_exemplars
 from .export import check_parity, export_onnx
@@ -163,7 +164,8 @@ def parity_images(cfg: BuildConfig, sets: Sets) -> np.ndarray:
     its images (``clientpath.simulate``: ID-like, not identical), so the count is met."""
     holdout = sets.holdout
     n = cfg.export.parity_images
-    ood = sets.far_ood
+    d = cfg.data  # no OOD set chosen for the report: noise still makes OOD verdicts here
+    ood = sets.far_ood or {"noise": resize_all(ood_noise(n, seed=cfg.seed), d.size, d.channels)}
     ood_imgs = np.concatenate([v[: max(n // 10, 1)] for v in ood.values()])
     ids = holdout.images[: max(n - len(ood_imgs), n // 2)]
     missing = n - len(ids) - len(ood_imgs)

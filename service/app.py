@@ -8,10 +8,13 @@
     exception that escapes a route is answered 500 ``internal``, counted and logged with its
     traceback and request id (never its message: it may hold paths or object reprs);
   * errors: one body shape, FastAPI's own included (errors.install_handlers);
-  * routes: /score (routes/score.py), health/readiness/metrics (routes/ops.py), V2 (v2/routes.py),
+  * routes: /score (routes/score.py; a POST reaches it without the router: routes/direct.py),
+    health/readiness/metrics (routes/ops.py), V2 (v2/routes.py),
     /memories (routes/memories.py), the web page and offline /docs (routes/page.py: the page and
     its files need no API key),
-    the classifier's own routes in sidecar mode (sidecar/proxy.py, ``HOPGATE_PROXY_ROUTES``);
+    the classifier's own routes in sidecar mode (sidecar/proxy.py, ``HOPGATE_PROXY_ROUTES``),
+    where every other request on the data port passes to the classifier and hopgate's own
+    answer on the admin port (sidecar/passthrough.py, ``Ports``);
   * counted (``hopgate_requests_total``, the access log): /score, V2 models, proxied routes;
     404 and 405 are always ``not_found`` / ``method_not_allowed``, an answer with no reason
     recorded is ``ok`` below 400, ``bad_input`` for another 4xx, ``internal`` for a 5xx. The
@@ -32,6 +35,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import State
+from starlette.routing import Route
 
 from hopgate import __version__
 
@@ -40,11 +44,11 @@ from .errors import V2_PREFIX, ClientError, error_response, install_handlers, in
 from .imaging import set_pillow_limit
 from .lifecycle import init_state, lifespan
 from .metrics import request_verdicts
+from .routes import direct, page
 from .routes import memories as routes_memories
 from .routes import ops as routes_ops
-from .routes import page
 from .routes import score as routes_score
-from .sidecar import proxy
+from .sidecar import passthrough, proxy
 from .v2 import routes as v2
 
 Scope = MutableMapping[str, Any]
@@ -198,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="hopgate", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # page.py serves /docs offline
                   description="OOD gatekeeper: RecLag modern-Hopfield memories on onnxruntime.")
+    app.add_middleware(direct.Direct)  # innermost: POST /score without the router
     init_state(app, settings)
     app.add_middleware(Envelope, app_state=app.state, settings=settings)  # outside Admission
     install_handlers(app)
@@ -210,6 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for path in settings.proxy_routes:  # the classifier's own routes (sidecar mode)
         if path in own:
             raise ValueError(f"proxy route {path} is one of hopgate's own routes")
-        app.add_api_route(path, proxy.proxy, methods=settings.proxy_methods,
-                          include_in_schema=False)
+        # a plain Starlette route, matched first: no FastAPI parameter machinery per request
+        app.router.routes.insert(0, Route(path, proxy.proxy, methods=settings.proxy_methods,
+                                          include_in_schema=False))
+    if settings.proxy_routes:  # outermost: the data port passes the rest to the classifier
+        app.add_middleware(passthrough.Ports, app_state=app.state, settings=settings)
     return app

@@ -176,7 +176,8 @@ class Batcher:
         self.metrics.inflight.set(self.inflight_images)
         self.metrics.batch_size.observe(n)
         try:
-            images = np.stack([i.image for i in batch])
+            rows = [i.image for i in batch]  # the binding stacks them into its own buffer
+            images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
             fut = asyncio.get_running_loop().run_in_executor(
                 self._pool, self.runtime.run, images, self._bucket(n), batch[0].log_lambda)
         except Exception as e:  # e.g. the pool is shut down: the batch fails, the loop goes on

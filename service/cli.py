@@ -4,8 +4,8 @@ SIGTERM/SIGINT: /readyz fails at once, new work is refused (503, reason ``shutdo
 request admitted before the signal (reading its body, decoding, queued or computing:
 admission.py) is answered normally (at most ``drain_seconds``), then uvicorn exits 0. A second
 signal exits at once. Connection limits and timeouts come from transport.py. With
-``HOPGATE_WORKERS`` > 1 (0: one per core) it supervises that many such servers on one port
-(workers.py).
+more than one worker (``HOPGATE_WORKERS``; 0, the default: one per usable core, chosen and
+logged by workers.choose) it supervises that many such servers on one port (workers.py).
 
 A bad setting or bundle ends the command with one line naming the variable or file and the fix
 (exit 2); ``--debug`` shows the traceback instead.
@@ -21,22 +21,38 @@ import os
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from hopgate.bundle import BundleError
 
-from .app import create_app
+from . import cuda
 from .config import Settings
+from .memory import return_freed_memory
+from .preflight import api_key_file_problem, log_level_problem, port_problem, unknown_variable
 from .runtime import check_bundle
-from .transport import return_freed_memory, uvicorn_options
-from .workers import inherited_socket, resolve, supervise
+from .transport import uvicorn_options
+from .workers import ADMIN_FD, LISTEN_FD, choose, inherited_socket, listen_socket, supervise
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class JsonFormatter(logging.Formatter):
+    _second, _stamp = -1, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's default time format, the date part formatted once a second (one line
+        per request: strftime each time cost as much as the rest of the line)."""
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(
+                "%Y-%m-%d %H:%M:%S", self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
@@ -96,7 +112,7 @@ class DrainingServer(uvicorn.Server):
 
 
 ENV_PREFIX = "HOPGATE_"
-FLAGS = {"host": "--host", "port": "--port", "model": "--model"}
+FLAGS = {"host": "--host", "port": "--port", "model": "--model", "admin_port": "--admin-port"}
 
 
 def _as_json(value: str) -> str:
@@ -130,10 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     ap.add_argument("--port", type=int, help="port (default 8000)")
     ap.add_argument("--model", help="bundle path (default: the bundled models/default.onnx)")
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--admin-port", type=int, help="hopgate's own endpoints in sidecar mode "
+                    "(HOPGATE_PROXY_ROUTES: the main port belongs to the classifier)")
+    ap.add_argument("--log-level", default="info", help="critical, error, warning, info "
+                    "(default) or debug")
     ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
     args = ap.parse_args(argv)
-    flags = {"host": args.host, "port": args.port, "model": args.model}
+    early = (log_level_problem(args.log_level)  # preflight.py: one line each, nothing loaded
+             or unknown_variable(os.environ, Settings.model_fields))
+    if early:
+        print(f"hopgate-serve: {early}", file=sys.stderr)
+        return 2
+    flags = {"host": args.host, "port": args.port, "model": args.model,
+             "admin_port": args.admin_port}
     overrides = {k: v for k, v in flags.items() if v is not None}
     try:
         settings = Settings(**overrides)
@@ -146,22 +171,60 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    # the JSON lines use none of these: no stack walk, thread or process lookup per record
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
+    # a worker inherits its sockets (workers.py); the first process checks the ports are free
+    ports = {} if os.environ.get(LISTEN_FD) else {  # (a socket object here would close it)
+        "--port": settings.port, "--admin-port": settings.admin_port}
+    late = api_key_file_problem(settings.api_key_file) or port_problem(settings.host, ports)
+    if late:
+        print(f"hopgate-serve: {late}", file=sys.stderr)
+        return 2
     try:
         check_bundle(settings.model)  # metadata vs graph: one clear refusal, no traceback
     except BundleError as e:
         print(f"hopgate-serve: {e}", file=sys.stderr)
         return 2
-    workers, sock = resolve(settings.workers), inherited_socket()
-    if workers > 1 and sock is None:  # the supervisor: N workers on one socket (workers.py)
-        return supervise(settings.host, settings.port, workers,
-                         sys.argv[1:] if argv is None else argv)
+    workers, sock = 1, inherited_socket()
+    if sock is None:  # not a worker: how many (workers.choose), said in one line
+        import onnxruntime
+
+        # a GPU build with no GPU visible: said once here, and every worker serves on the CPU
+        offered = onnxruntime.get_available_providers()
+        chosen = cuda.choose(onnxruntime, settings.providers, load=False)
+        if any(p in offered and p not in chosen for p in cuda.GPU_PROVIDERS
+               if p in settings.providers):
+            settings.providers = chosen
+            os.environ["HOPGATE_PROVIDERS"] = json.dumps(chosen)
+        workers, why = choose(settings.workers, settings.providers,
+                              onnxruntime.get_available_providers(),
+                              settings.model.stat().st_size)
+        logging.getLogger("hopgate").info(why)
+    sockets = [sock] if sock is not None else None
+    try:
+        if workers > 1 and sock is None:  # the supervisor: N workers on the sockets (workers.py)
+            return supervise(settings.host, settings.port, workers,
+                             sys.argv[1:] if argv is None else argv, settings.admin_port)
+        admin = inherited_socket(ADMIN_FD)
+        if sock is None and settings.admin_port is not None:  # one server, two sockets
+            sockets = [listen_socket(settings.host, settings.port),
+                       listen_socket(settings.host, settings.admin_port)]
+        elif sock is not None and admin is not None:
+            sockets = [sock, admin]
+    except OSError as e:  # a port taken or not ours to bind
+        print(f"hopgate-serve: cannot listen on {settings.host} (port {settings.port}, "
+              f"admin port {settings.admin_port}): {e.strerror or e}", file=sys.stderr)
+        return 2
     return_freed_memory()  # RSS falls back after a burst of big bodies or images
+    from .app import create_app  # FastAPI's import (~0.5 s): not in the supervisor's path
+
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, **uvicorn_options(settings))
     server = DrainingServer(config, app, settings.drain_seconds, settings.drain_quiet_seconds)
-    server.run(sockets=[sock] if sock is not None else None)
+    server.run(sockets=sockets)
     return 0 if server.started else 3  # 3: startup failed (uvicorn's code for it)
 
 

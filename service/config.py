@@ -35,9 +35,15 @@ class Settings(BaseSettings):
     ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime.py)
     # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
     pad: Literal["auto", "bucket", "none"] = "auto"
+    # IOBinding: buffers bound once per bucket (binding.py); off: plain session.run
+    io_binding: bool = True
+    # CUDA provider (cuda.py): a CUDA graph per bucket, cuDNN's conv search, TF32
+    cuda_graphs: bool = True
+    cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    cuda_tf32: bool = False
     decode_threads: int = Field(2, ge=1)
     inline_decode_bytes: int = Field(64 * 1024, ge=0)  # smaller images decode on the loop
-    workers: int = Field(1, ge=0)  # server processes on one port (0: one per usable core)
+    workers: int = Field(0, ge=0)  # server processes on one port (0: chosen, workers.choose)
 
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
@@ -51,7 +57,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(256, ge=1)  # open connections + tasks (uvicorn 503s beyond)
     keepalive_timeout_s: int = Field(5, ge=1)  # an idle keep-alive connection is closed
     header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within
-    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers (h11)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers
+    # HTTP/1.1 parser: auto (httptools when installed), httptools, h11 (transport.py)
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"
     # uvicorn's loop: auto (uvloop when installed), asyncio, uvloop
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
@@ -75,6 +83,9 @@ class Settings(BaseSettings):
     proxy_methods: list[str] = ["POST"]
     gate_mode: Literal["enforce", "shadow"] = "enforce"  # shadow: forward all, only label
     proxy_unscored: Literal["refuse", "pass"] = "refuse"  # a body with no image in it
+    # sidecar mode: hopgate's own endpoints on this port (sidecar/passthrough.py)
+    admin_port: int | None = Field(None, ge=1, le=65535)
+    speculative: bool = False  # enforce mode: call the classifier while scoring (proxy.py)
 
     # drift of served scores against the bundle's calibration table (service/drift.py)
     drift_window: int = Field(1000, ge=10)  # the last N scores
@@ -116,6 +127,17 @@ class Settings(BaseSettings):
     def _proxy_needs_an_upstream(self) -> Settings:
         if self.proxy_routes and not self.upstream_url:
             raise ValueError("proxy_routes need upstream_url (the classifier to proxy to)")
+        return self
+
+    @model_validator(mode="after")
+    def _sidecar_needs_an_admin_port(self) -> Settings:
+        """Sidecar mode passes every other path to the classifier, so hopgate's own
+        endpoints need a port of their own (docs/deploy.md, "Ports")."""
+        if self.proxy_routes and self.admin_port is None:
+            raise ValueError("proxy_routes (sidecar mode) move hopgate's own endpoints to an "
+                             "admin port: set HOPGATE_ADMIN_PORT (or --admin-port), e.g. 9901")
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError("admin_port must differ from port")
         return self
 
     def resolved_api_key(self) -> str | None:

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from hopgate.pixels import Resize
+
 from .config import Settings
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded
 from .imaging import COST_FLOOR, TooCostly, cost_of, decode
@@ -53,7 +55,7 @@ def decode_cost(blob: bytes, height: int, width: int, channels: int) -> int:
 
 class DecodePool:
     def __init__(self, settings: Settings, height: int, width: int, channels: int,
-                 resize: str):
+                 resize: str | Resize):
         self.s, self.shape, self.resize = settings, (height, width, channels), resize
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self._large_slots = max(1, settings.decode_threads - 1)

@@ -9,7 +9,8 @@ image fails alone. The policy (also in docs/serving.md):
   * more than ``max_pixels`` pixels (checked from the header, before decoding) -> 413
   * animated images: the first frame is scored
   * EXIF orientation applied; 16-bit, palette, CMYK, alpha converted to L or RGB
-  * resize as in training (model_export.data.resize): stretch, or centre crop then resize
+  * resize as in training (model_export.data.resize) and as the bundle states
+    (hopgate.pixels.Resize: stretch, centre square or shorter side; filter; centre crop)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hopgate.pixels import fit
+from hopgate.pixels import Resize, fit
 
 from .errors import ImageError
 
@@ -122,7 +123,7 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def decode(data: bytes, height: int, width: int, channels: int, resize: str = "stretch",
+def decode(data: bytes, height: int, width: int, channels: int, resize: str | Resize = "stretch",
            max_pixels: int = 40_000_000, max_cost: int | None = None) -> np.ndarray:
     """Encoded bytes -> uint8 ``[height, width, channels]`` as the bundle expects; with
     ``max_cost``, ``TooCostly`` before anything is decoded when ``cost_of`` exceeds it."""

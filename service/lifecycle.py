@@ -125,6 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                               settings.upstream_max_body_bytes)
     app.state.ready, app.state.draining = True, False
     logging.getLogger("hopgate").info("ready: %s on %s", m.model_version, runtime.provider)
+    del runtime, scorer  # a reload retires them: no reference may outlive it (memory.py)
     yield
     app.state.ready = False
     if watcher is not None:

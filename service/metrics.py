@@ -53,7 +53,13 @@ class Metrics:
         self.ood_rate = Gauge("hopgate_ood_rate", f"Share of OOD verdicts among the last "
                               f"{ood_window} images", registry=r)
         self.model = Info("hopgate_model", "The loaded bundle", registry=r)
+        self.reloads = Counter("hopgate_reloads", "Hot reloads built, by outcome (loaded, "
+                               "failed); triggers that come together share one", ["outcome"],
+                               registry=r)
         self._verdicts: deque[bool] = deque(maxlen=ood_window)
+        # per image only appends and increments: the share is computed when scraped
+        self.ood_rate.set_function(lambda: sum(self._verdicts) / max(len(self._verdicts), 1))
+        self._by_verdict = {True: self.images.labels("ood"), False: self.images.labels("id")}
         # drift against the calibration table (``reference``: the bundle's score_quantiles)
         self.drift = Drift(reference, drift_window, drift_every) if reference else None
         self.drift_psi = Gauge("hopgate_score_drift_psi", f"PSI of the last {drift_window} "
@@ -83,10 +89,9 @@ class Metrics:
         return sorted(edges)
 
     def verdict(self, ood: bool, score: float) -> None:
-        self.images.labels("ood" if ood else "id").inc()
+        self._by_verdict[ood].inc()
         self.score.observe(score)
         self._verdicts.append(ood)
-        self.ood_rate.set(sum(self._verdicts) / len(self._verdicts))
         if self.drift is not None:
             self.drift.observe(score)
         tally = request_verdicts.get()

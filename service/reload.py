@@ -12,8 +12,13 @@ to the new scorer (lifecycle.Pin), every request already pinned to the old one f
 it (answered with the old version: the version in each answer is the one that scored it).
 The old core is retired once its last pinned request has been answered (at most
 ``drain_seconds``): its batcher drained, its threads closed. A bundle that fails to load or
-warm changes nothing: the old one keeps serving and the trigger gets the error. Reloads run
-one at a time.
+warm changes nothing: the old one keeps serving and the trigger gets the error. Once retired,
+its memory goes back to the system (memory.trim: glibc keeps freed arenas otherwise).
+
+Reloads run one at a time, and triggers coalesce: a call that arrives while a reload is under
+way shares it when the bundle file is unchanged since that reload read it, else it shares the
+one reload queued behind it (so 30 load calls at once build one core, or two when the file
+changed meanwhile). ``hopgate_reloads_total{outcome}`` counts the reloads built, not the calls.
 
 Kept across a reload: the metrics registry (counters go on; ``hopgate_model_info`` and the
 drift reference follow the new bundle; the score histogram keeps the first bundle's edges).
@@ -33,6 +38,7 @@ from hopgate.bundle import BundleError
 
 from .batcher import Batcher
 from .config import Settings
+from .memory import trim
 from .metrics import Metrics
 from .runtime import Runtime
 from .scoring import Scorer
@@ -43,7 +49,9 @@ log = logging.getLogger("hopgate.reload")
 def load_runtime(settings: Settings) -> Runtime:
     """The bundle at ``settings.model`` in an onnxruntime session, every bucket warmed."""
     runtime = Runtime(settings.model, settings.providers, settings.intra_op_threads,
-                      settings.inter_op_threads, settings.pad, settings.ort_spinning)
+                      settings.inter_op_threads, settings.pad, settings.ort_spinning,
+                      settings.io_binding, settings.cuda_graphs, settings.cuda_conv_algo_search,
+                      settings.cuda_tf32)
     runtime.warm(settings.buckets)
     return runtime
 
@@ -82,6 +90,15 @@ async def retire(scorer: Scorer, timeout: float) -> None:
     scorer.batcher.close()
     scorer.close()
     log.info("retired %s (%d requests still pinned)", scorer.meta.model_version, scorer.users)
+    del scorer  # the last reference to the old core: its session and buffers are freed now
+    await asyncio.to_thread(trim)  # ... and glibc hands their pages back (memory.py)
+
+
+def _shared(task: asyncio.Task[Scorer]) -> asyncio.Task[Scorer]:
+    """A reload that callers share: its error is theirs (each gets it), and no warning when
+    every caller has gone away before it ended."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 class Reloader:
@@ -93,6 +110,10 @@ class Reloader:
         self.lock = asyncio.Lock()
         self.retiring: set[asyncio.Task] = set()
         self._stamp = self._file_stamp()
+        self._running: asyncio.Task[Scorer] | None = None  # the reload under way
+        self._running_stamp: tuple[int, int] | None = None  # the file as it read it
+        self._queued: asyncio.Task[Scorer] | None = None  # the one reload behind it
+        self.built = 0  # reloads built (and failed): not the calls, which coalesce
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -102,23 +123,56 @@ class Reloader:
         return st.st_size, st.st_mtime_ns
 
     async def reload(self) -> Scorer:
-        """Load, warm, swap, retire the old one; ``BundleError`` leaves everything as it was."""
+        """Load, warm, swap, retire the old one; ``BundleError`` leaves everything as it was.
+        Coalesced (module docstring): the caller may share a reload another trigger started."""
+        loop = asyncio.get_running_loop()
+        running = self._running
+        if running is not None and not running.done():
+            if self._file_stamp() == self._running_stamp:  # the same file: share it
+                return await asyncio.shield(running)
+            if self._queued is None:
+                self._queued = _shared(loop.create_task(self._after(running)))
+            return await asyncio.shield(self._queued)
+        self._running_stamp = self._file_stamp()  # (read again when the reload starts)
+        self._running = task = _shared(loop.create_task(self._reload()))
+        return await asyncio.shield(task)  # a caller that goes away leaves the reload be
+
+    async def _after(self, running: asyncio.Task[Scorer]) -> Scorer:
+        """The queued reload: starts once ``running`` has ended, however it ended."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(running)
+        self._queued = None
+        self._running, self._running_stamp = asyncio.current_task(), self._file_stamp()
+        return await self._reload()
+
+    async def _reload(self) -> Scorer:
         async with self.lock:
             state, settings = self.state, self.settings
-            self._stamp = self._file_stamp()
-            runtime = await asyncio.to_thread(load_runtime, settings)
-            if state.draining:
-                raise BundleError("shutting down: the new bundle is not swapped in")
+            self._stamp = self._running_stamp = self._file_stamp()
+            self.built += 1
+            try:
+                runtime = await asyncio.to_thread(load_runtime, settings)
+                if state.draining:
+                    raise BundleError("shutting down: the new bundle is not swapped in")
+            except BaseException:
+                self._count("failed")
+                raise
             new = start_core(settings, runtime, state.metrics, state)
             old: Scorer = state.scorer
             state.scorer, state.batcher = new, new.batcher  # the swap: one step on the loop
             describe(state.metrics, runtime)
+            self._count("loaded")
             task = asyncio.get_running_loop().create_task(
                 retire(old, settings.drain_seconds))
             self.retiring.add(task)
             task.add_done_callback(self.retiring.discard)
             log.info("reloaded: %s -> %s", old.meta.model_version, new.meta.model_version)
             return new
+
+    def _count(self, outcome: str) -> None:
+        reloads = getattr(self.state.metrics, "reloads", None)
+        if reloads is not None:
+            reloads.labels(outcome).inc()
 
     async def reload_logged(self, trigger: str) -> None:
         try:

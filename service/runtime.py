@@ -7,12 +7,17 @@ a padded row costs as much as a real one (default bundle, 2 cores, one thread: 0
 at every size, 17 images padded to 32 took 21 ms instead of 11 ms; a first call at an unseen
 size costs no more than the next). Spinning: onnxruntime's intra-op threads busy-wait between
 runs by default; off here (``spinning``), as they otherwise take cores from the event loop and
-the decoders."""
+the decoders.
+
+IOBinding (``io_binding``, binding.py) runs every batch on buffers bound once per bucket; on by
+default (CPU, default bundle, 2 cores: docs/gpu.md has the numbers). The CUDA provider's
+options, the no-GPU fallback and CUDA graphs are in cuda.py."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +26,16 @@ import numpy as np
 from hopgate.bundle import (
     INPUT_IMAGES,
     INPUT_LOG_LAMBDA,
+    LOGITS,
     OUTPUTS,
     BundleError,
     BundleMeta,
     load_meta,
+    served_outputs,
 )
+
+from . import cuda
+from .binding import Binding
 
 log = logging.getLogger("hopgate.runtime")
 
@@ -35,13 +45,15 @@ class Runtime:
     the batcher calls it from one worker thread per batch slot (ORT's run() itself is safe)."""
 
     def __init__(self, path: str | Path, providers: list[str], intra_op_threads: int = 0,
-                 inter_op_threads: int = 1, pad: str = "auto", spinning: bool = False):
+                 inter_op_threads: int = 1, pad: str = "auto", spinning: bool = False,
+                 io_binding: bool = True, cuda_graphs: bool = True,
+                 conv_algo_search: str = "EXHAUSTIVE", tf32: bool = False):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.meta: BundleMeta = load_meta(self.path)
         available = ort.get_available_providers()
-        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        chosen = cuda.choose(ort, providers)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # the overridable log_lambda initializer is intended
         opts.intra_op_num_threads = intra_op_threads
@@ -49,24 +61,50 @@ class Runtime:
         if not spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        pads = pad == "bucket" or (pad == "auto" and chosen[0] != "CPUExecutionProvider")
+        self.cuda_graphs = cuda_graphs and io_binding and pads and cuda.CUDA in chosen
+
+        def session(graphs: bool) -> Any:
+            entries = cuda.provider_entries(chosen, self.path, graphs, conv_algo_search, tf32)
+            try:
+                return ort.InferenceSession(str(self.path), opts, providers=entries)
+            except Exception as e:
+                raise BundleError(f"{self.path}: onnxruntime cannot load it: {e}") from None
+
+        self._session = session
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)
-        except Exception as e:
-            raise BundleError(f"{self.path}: onnxruntime cannot load it: {e}") from None
+            self.session = session(self.cuda_graphs)
+        except BundleError as e:
+            if not self.cuda_graphs:
+                raise
+            self._graphs_off(e)
         self.provider = self.session.get_providers()[0]
         self.has_log_lambda = check_graph(self.session, self.meta, self.path)
+        self.outputs = served_outputs({o.name for o in self.session.get_outputs()})
+        self.has_logits = LOGITS in self.outputs  # /score's top_k (the one-pass shape)
         m = self.meta
         self.shape = (m.height, m.width, m.channels)
         self.single_s = float("inf")  # one image's compute, measured by warm()
         self.pads = pad == "bucket" or (pad == "auto" and self.provider != "CPUExecutionProvider")
+        self.io_binding = io_binding and self.provider in ("CPUExecutionProvider", cuda.CUDA)
+        self.binding: Binding | None = None  # made by warm(), which knows the buckets
+        # with graphs on, a run outside the binding must neither capture nor replay one
+        self.plain_options = ort.RunOptions()
+        if self.cuda_graphs:
+            self.plain_options.add_run_config_entry("gpu_graph_id", "-1")
         log.info("loaded %s (%s) on %s (available: %s)", self.path.name, m.model_version,
                  self.provider, ", ".join(available))
 
-    def run(self, images: np.ndarray, bucket: int | None = None,
+    def run(self, images: np.ndarray | Sequence[np.ndarray], bucket: int | None = None,
             log_lambda: float | None = None) -> dict[str, np.ndarray]:
-        """images uint8 [n, H, W, C]; zero-padded to ``bucket`` rows when this runtime pads,
-        outputs cut back to n."""
+        """images uint8 [n, H, W, C] (or n arrays [H, W, C]: the binding stacks them straight
+        into its buffer); zero-padded to ``bucket`` rows when this runtime pads, outputs cut
+        back to n. With IOBinding, ``bucket`` is the binding's own (the same buckets)."""
+        if self.binding is not None and len(images) <= self.binding.buckets[-1]:
+            return self.binding.run(images, log_lambda)
         n = len(images)
+        if not isinstance(images, np.ndarray):
+            images = np.stack(images)
         if bucket and bucket > n and self.pads:
             pad = np.zeros((bucket - n, *self.shape), dtype=np.uint8)
             images = np.concatenate([images, pad])
@@ -75,17 +113,34 @@ class Runtime:
             if not self.has_log_lambda:
                 raise ValueError(f"{self.path.name} has no '{INPUT_LOG_LAMBDA}' input")
             feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
-        out = self.session.run(list(OUTPUTS), feed)
-        return {k: v[:n] for k, v in zip(OUTPUTS, out)}
+        out = self.session.run(list(self.outputs), feed, self.plain_options)
+        return {k: v[:n] for k, v in zip(self.outputs, out)}
+
+    def _graphs_off(self, why: Exception) -> None:
+        """A session without CUDA graphs (e.g. a node the CUDA provider leaves to the CPU
+        makes onnxruntime refuse capture), said in one line."""
+        log.warning("CUDA graphs off for %s: %s", self.path.name, str(why).splitlines()[0][:200])
+        self.cuda_graphs = False
+        self.session = self._session(False)
+        if hasattr(self, "plain_options"):
+            import onnxruntime as ort
+
+            self.plain_options = ort.RunOptions()
 
     def warm(self, buckets: list[int]) -> None:
-        """One run per bucket so the first real request of each size pays no set-up."""
-        for b in buckets:
-            try:
-                self.run(np.zeros((b, *self.shape), dtype=np.uint8))
-            except Exception as e:  # onnxruntime's own error: the graph, not the request
-                raise BundleError(f"{self.path}: the graph fails on a batch of {b} blank "
-                                  f"images: {str(e).splitlines()[0][:300]}") from None
+        """One run per bucket so the first real request of each size pays no set-up; with
+        IOBinding, the buffers are bound here, and on CUDA graphs each bucket runs until its
+        graph is captured (onnxruntime captures on a bucket's third run). A capture that fails
+        (at bind or run time) turns graphs off, in one line, and warms again without."""
+        try:
+            self._bind(buckets)
+            self._warm_buckets(buckets)
+        except BundleError as e:
+            if not self.cuda_graphs:
+                raise
+            self._graphs_off(e)
+            self._bind(buckets)
+            self._warm_buckets(buckets)
         one = np.zeros((1, *self.shape), dtype=np.uint8)
         times = []
         for _ in range(5):  # what one image costs, warm (batcher.py: may it run inline?)
@@ -93,6 +148,32 @@ class Runtime:
             self.run(one)
             times.append(time.perf_counter() - t0)
         self.single_s = sorted(times)[len(times) // 2]
+
+    def _bind(self, buckets: list[int]) -> None:
+        self.binding = None
+        if not self.io_binding:
+            return
+        import onnxruntime as ort
+
+        device = "cuda" if self.provider == cuda.CUDA else "cpu"
+        default = self.meta.threshold if self.has_log_lambda else None
+        try:
+            self.binding = Binding(ort, self.session, self.shape, buckets, default,
+                                   self.pads, device, self.cuda_graphs, self.plain_options)
+        except Exception as e:
+            if self.cuda_graphs:  # maybe the graphs: warm() retries without them
+                raise BundleError(str(e).splitlines()[0][:300]) from None
+            log.warning("IOBinding off for %s: %s", self.path.name,  # the plain path serves
+                        str(e).splitlines()[0][:200])
+
+    def _warm_buckets(self, buckets: list[int]) -> None:
+        for b in buckets:
+            try:
+                for _ in range(3 if self.cuda_graphs else 1):
+                    self.run(np.zeros((b, *self.shape), dtype=np.uint8))
+            except Exception as e:  # onnxruntime's own error: the graph, not the request
+                raise BundleError(f"{self.path}: the graph fails on a batch of {b} blank "
+                                  f"images: {str(e).splitlines()[0][:300]}") from None
 
 
 def check_graph(session: Any, meta: BundleMeta, path: Path) -> bool:

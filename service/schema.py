@@ -36,6 +36,13 @@ def named_memory(meta: BundleMeta, index: int, weight: float) -> Memory:
     return Memory(index=index, weight=weight, class_index=c, label=meta.class_names[c])
 
 
+class ClassProbability(BaseModel):
+    class_index: int = Field(description="The class index")
+    label: str = Field(description="That class's name")
+    probability: float = Field(description="The classifier's softmax probability of it")
+    logit: float | None = Field(None, description="Its logit (with ?logits=true)")
+
+
 class ErrorInfo(BaseModel):
     status: int = Field(description="HTTP status of this error")
     reason: str = Field(description="Machine-readable reason (the reason label of "
@@ -80,6 +87,10 @@ class ImageResult(BaseModel):
     energy: float | None = Field(None, description="Hopfield energy of the final state")
     baselines: dict[str, float] | None = Field(None, description="Cheap baseline scores: msp "
                                                "(max softmax), energy (logsumexp of logits)")
+    probabilities: list[ClassProbability] | None = Field(
+        None, description="With ?top_k=K, on a bundle that carries the classifier's logits: "
+                          "its K most probable classes, most probable first (the one-pass "
+                          "shape: no second forward pass on the classifier)")
     model_version: str | None = Field(None, description="Version of the bundle that scored it")
     timings: Timings | None = Field(None, description="Where the time went")
     error: ErrorInfo | None = Field(None, description="Why this image failed (then the only "

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hopgate import __version__
+from hopgate.bundle import LOGITS
 
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .config import Settings
@@ -34,7 +35,7 @@ from .decoding import INLINE_IMAGES, DecodePool, decode_cost
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
 from .metrics import Metrics
 from .runtime import Runtime
-from .schema import ErrorInfo, ImageResult, ModelInfo, Timings, named_memory
+from .schema import ClassProbability, ErrorInfo, ImageResult, ModelInfo, Timings, named_memory
 
 Row = dict[str, Any]  # the bundle's outputs for one image, plus queue_s, compute_s, batch
 
@@ -61,7 +62,7 @@ class Scorer:
         self.metrics, self.batcher = metrics, batcher
         self.meta = runtime.meta
         m = runtime.meta
-        self.decoder = DecodePool(settings, m.height, m.width, m.channels, m.resize)
+        self.decoder = DecodePool(settings, m.height, m.width, m.channels, m.pixels)
         self._model_info = ModelInfo(  # the same for every answer: built once
             name=m.name, version=m.model_version, provider=runtime.provider,
             threshold=m.threshold, target_tpr=m.target_tpr, classes=m.class_names,
@@ -162,8 +163,22 @@ class Scorer:
         st.compute_ns += int(sum(r["compute_s"] / r["batch"] for r in ok) * 1e9)
         st.last_ms = int(time.time() * 1000)
 
-    def result(self, row: Row, threshold: float | None = None) -> ImageResult:
-        """``threshold``: the one the row was computed with (None: the bundle's)."""
+    def top_k(self, logits: np.ndarray, k: int, with_logits: bool) -> list[ClassProbability]:
+        """The classifier's ``k`` most probable classes: softmax of its own logits (float64,
+        so equal to the classifier's softmax to float32 precision)."""
+        z = logits.astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        names = self.meta.class_names
+        return [ClassProbability(class_index=int(c), label=names[c] if c < len(names) else str(c),
+                                 probability=float(p[c]),
+                                 **({"logit": float(z[c])} if with_logits else {}))
+                for c in np.argsort(-p, kind="stable")[:k]]
+
+    def result(self, row: Row, threshold: float | None = None, top_k: int | None = None,
+               with_logits: bool = False) -> ImageResult:
+        """``threshold``: the one the row was computed with (None: the bundle's); ``top_k``:
+        the classifier's probabilities too (bundles with a ``logits`` output)."""
         m = self.meta
         ood, score = bool(row["is_ood"]), float(row["score"])
         self.metrics.verdict(ood, score)
@@ -181,6 +196,8 @@ class Scorer:
             timings=Timings(queue_ms=round(row["queue_s"] * 1e3, 3),
                             compute_ms=round(row["compute_s"] * 1e3, 3),
                             batch_size=row["batch"]),
+            **({"probabilities": self.top_k(row[LOGITS], top_k, with_logits)}
+               if top_k else {}),
         )
 
     def failed(self, e: ServingError) -> ImageResult:
@@ -188,8 +205,17 @@ class Scorer:
         return ImageResult(error=ErrorInfo(status=e.status, reason=e.reason, message=e.message))
 
     async def score(self, blobs: list[bytes | ImageError], deadline: float,
-                    log_lambda: float | None = None) -> list[ImageResult]:
+                    log_lambda: float | None = None, top_k: int | None = None,
+                    with_logits: bool = False) -> list[ImageResult]:
         """One result per input, in order; a bad input fails alone."""
+        return [self.failed(r) if isinstance(r, ServingError)
+                else self.result(r, log_lambda, top_k, with_logits)
+                for r in await self.rows(blobs, deadline, log_lambda)]
+
+    async def rows(self, blobs: list[bytes | ImageError], deadline: float,
+                   log_lambda: float | None = None) -> list[Row | ServingError]:
+        """Decode and run: one raw output row (or its error) per input, in order (the
+        sidecar's ID path needs no ``ImageResult``: sidecar/proxy.py)."""
         todo = [i for i, b in enumerate(blobs) if not isinstance(b, ImageError)]
         decoded: dict[int, np.ndarray | ServingError] = {
             i: b for i, b in enumerate(blobs) if isinstance(b, ImageError)}
@@ -199,14 +225,11 @@ class Scorer:
         images = [d for i in good if isinstance(d := decoded[i], np.ndarray)]
         rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline,
                                                                             log_lambda)))
-        results = []
+        out: list[Row | ServingError] = []
         for i in range(len(blobs)):
             r = rows.get(i, decoded[i])
-            if isinstance(r, ServingError):
-                results.append(self.failed(r))
-            elif isinstance(r, dict):
-                results.append(self.result(r, log_lambda))
-        return results
+            out.append(r if isinstance(r, (dict, ServingError)) else internal_error())
+        return out
 
     def close(self) -> None:
         self.decoder.close()

@@ -23,6 +23,7 @@ from hopgate.client import AsyncClient
 
 from .app import create_app
 from .config import Settings
+from .runtime import check_bundle
 
 
 def settings_for(bundle: Path, batch_size: int) -> Settings:
@@ -46,7 +47,7 @@ async def in_process(bundle: Path, batch_size: int) -> AsyncIterator[AsyncClient
 
 
 def main(argv: list[str] | None = None) -> int:
-    return screen.main(argv, in_process=in_process)
+    return screen.main(argv, in_process=in_process, check_bundle=check_bundle)
 
 
 if __name__ == "__main__":

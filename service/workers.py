@@ -1,14 +1,20 @@
 """The worker model for CPU machines: N server processes on one port (``HOPGATE_WORKERS``).
 
-``hopgate-serve`` with ``workers`` > 1 becomes a small supervisor: it binds the listening
-socket once and starts N copies of itself, each a whole server (its own event loop, decoder,
-batcher and onnxruntime session) accepting on that one shared socket, so the kernel hands
-each new connection to whichever worker is free to accept it. One process per core is what
+``hopgate-serve`` with ``workers`` > 1 becomes a small supervisor: it binds N listening
+sockets on the port (SO_REUSEPORT; one shared socket where the platform has none) and starts
+N copies of itself, each a whole server (its own event loop, decoder, batcher and onnxruntime
+session) accepting on its own socket; the kernel spreads new connections over them by their
+addresses (a shared socket gave a burst of connections to whichever worker woke first: 29 of
+32 to one of two). One process per core is what
 a CPU machine wants: one Python process does its HTTP, decoding and answers under one GIL,
 and onnxruntime gains little from more threads on a small model (issue 15, measured in
-benchmarks/versus.md). ``workers = 0`` means one per usable core (CPU affinity and a cgroup
-CPU quota both count). Each worker's onnxruntime gets cores ÷ workers intra-op threads unless
-``HOPGATE_INTRA_OP_THREADS`` says otherwise.
+benchmarks/versus.md). ``workers = 0``, the default, is ``choose``: one per usable core (CPU
+affinity and a cgroup CPU quota both count), fewer where memory (the cgroup limit, else what
+the machine has available) holds fewer workers of this bundle, and one where onnxruntime will
+run on CUDA (one process keeps the device busy with many requests in flight and larger
+batches). The choice and its reasons are logged at start in one line. Each worker's
+onnxruntime gets cores ÷ workers intra-op threads unless ``HOPGATE_INTRA_OP_THREADS`` says
+otherwise.
 
 The supervisor forwards SIGTERM/SIGINT to every worker; each drains as a lone server does
 (cli.py) and the supervisor exits with the worst exit code once all have. SIGHUP is
@@ -34,7 +40,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
-LISTEN_FD = "HOPGATE_LISTEN_FD"  # set by the supervisor for its workers: the shared socket
+CGROUP = Path("/sys/fs/cgroup")  # cpu.max and memory.max (v2), memory/ (v1)
+LISTEN_FD = "HOPGATE_LISTEN_FD"  # set by the supervisor for each worker: its listening socket
+ADMIN_FD = "HOPGATE_ADMIN_FD"  # ... and the admin port's, in sidecar mode (sidecar/passthrough.py)
 
 
 def usable_cores() -> int:
@@ -44,7 +52,7 @@ def usable_cores() -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (CGROUP / "cpu.max").read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -56,26 +64,96 @@ def resolve(workers: int) -> int:
     return workers if workers > 0 else usable_cores()
 
 
-def inherited_socket() -> socket.socket | None:
-    """In a worker: the supervisor's listening socket; None in a lone server."""
-    fd = os.environ.get(LISTEN_FD)
+WORKER_BASE_BYTES = 200 * 2**20  # one worker's RSS beside its bundle (measured: ~140-155 MB)
+BUNDLE_FACTOR = 3  # the bundle's bytes: the file, the session's weights, its arena
+
+
+def memory_available() -> int | None:
+    """Bytes this process may use: the cgroup limit (v2, then v1), else MemAvailable."""
+    for path in (CGROUP / "memory.max", CGROUP / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 writes "no limit" as a huge number
+            return int(text)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose(workers: int, providers: list[str], available: list[str],
+           bundle_bytes: int) -> tuple[int, str]:
+    """How many workers, and why (the line logged at start). ``workers`` > 0 is taken as set;
+    0 is one per usable core, bounded by memory, and one on CUDA."""
+    if workers > 0:
+        return workers, f"workers: {workers} (HOPGATE_WORKERS)"
+    first = next((p for p in providers if p in available), "CPUExecutionProvider")
+    if first == "CUDAExecutionProvider":
+        return 1, ("workers: 1 (onnxruntime on CUDA: one process, many requests in flight; "
+                   "HOPGATE_WORKERS sets more)")
+    cores = usable_cores()
+    per = WORKER_BASE_BYTES + BUNDLE_FACTOR * bundle_bytes
+    memory = memory_available()
+    by_memory = max(1, memory // per) if memory is not None else cores
+    n = max(1, min(cores, by_memory))
+    mem = (f"memory {memory / 2**20:.0f} MiB holds {by_memory} at ~{per / 2**20:.0f} MiB each"
+           if memory is not None else "memory unknown")
+    return n, (f"workers: {n} (one per usable core: {cores} (affinity and cgroup CPU quota); "
+               f"{mem}; HOPGATE_WORKERS sets another number, 1 for one process)")
+
+
+def inherited_socket(name: str = LISTEN_FD) -> socket.socket | None:
+    """In a worker: the supervisor's listening socket (``ADMIN_FD``: the admin port's);
+    None in a lone server."""
+    fd = os.environ.get(name)
     return socket.socket(fileno=int(fd)) if fd else None
 
 
-def supervise(host: str, port: int, workers: int, argv: list[str]) -> int:
-    """Bind ``host:port``, run ``workers`` copies of ``hopgate-serve argv`` on it, forward
-    signals, and return the worst exit code."""
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port``, inheritable by workers; ``reuse_port``: one of
+    several on the same port (SO_REUSEPORT), among which the kernel spreads new connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
-    env = {**os.environ, LISTEN_FD: str(sock.fileno()), "HOPGATE_WORKERS": "1"}
-    # the cores shared out: onnxruntime's threads per worker, unless set
-    env.setdefault("HOPGATE_INTRA_OP_THREADS", str(max(1, usable_cores() // workers)))
+    return sock
+
+
+def supervise(host: str, port: int, workers: int, argv: list[str],
+              admin_port: int | None = None) -> int:
+    """Bind ``host:port`` (and ``admin_port``), run ``workers`` copies of ``hopgate-serve
+    argv`` on them, forward signals, and return the worst exit code."""
+    # one listening socket per worker on the one port (SO_REUSEPORT): the kernel spreads the
+    # connections by their addresses. One shared socket let whichever worker woke first take
+    # a burst: 29 of wrk's 32 connections went to one of two workers, 3 to the other.
+    reuse = hasattr(socket, "SO_REUSEPORT")
+    first = listen_socket(host, port, reuse)
+    port = first.getsockname()[1]  # port 0: the one the first socket got
+    socks = [first] + [listen_socket(host, port, True) for _ in range(workers - 1) if reuse]
+    env = {**os.environ, "HOPGATE_WORKERS": "1"}
+    fds: list[int] = []
+    if admin_port is not None:  # each worker accepts on both (sidecar/passthrough.py)
+        admin = listen_socket(host, admin_port)
+        env[ADMIN_FD] = str(admin.fileno())
+        fds.append(admin.fileno())
+    # the cores shared out: onnxruntime's threads per worker, unless set (0, the chart's, is not)
+    if env.get("HOPGATE_INTRA_OP_THREADS", "0").strip() in ("", "0"):
+        env["HOPGATE_INTRA_OP_THREADS"] = str(max(1, usable_cores() // workers))
     cmd = [sys.executable, "-m", "hopgate.service.cli", *argv]
-    procs = [subprocess.Popen(cmd, env=env, pass_fds=(sock.fileno(),)) for _ in range(workers)]
+    procs = []
+    for k in range(workers):
+        sock = socks[k % len(socks)]
+        procs.append(subprocess.Popen(cmd, env={**env, LISTEN_FD: str(sock.fileno())},
+                                      pass_fds=(sock.fileno(), *fds)))
     stopping = False
 
     def forward(sig: int, frame: FrameType | None) -> None:
@@ -99,6 +177,7 @@ def supervise(host: str, port: int, workers: int, argv: list[str]) -> int:
             died = True
             forward(signal.SIGTERM, None)
         time.sleep(0.2)
-    sock.close()
+    for sock in socks:
+        sock.close()
     worst = max((abs(p.returncode) for p in procs), default=0)
     return worst or (1 if died else 0)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tpr_band import CLIENT_PATH_SHIFT, accepted_band
 
 from hopgate.bundle import load_meta
 from hopgate.model_export.config import BuildConfig, ConfigError, load_config
@@ -25,11 +26,14 @@ def test_quick_build_behaves(quick_build):
     assert report["export"]["parity"]["images"] >= 1000
     meta = load_meta(cfg.output)
     # the promise on ID images the threshold never saw (the test split), through the bundle:
-    # binomial sd ~0.5 % (2,000 test) + ~0.45 % (2,400 calibration images)
+    # the beta-binomial band of 2,400 calibration and 2,000 test images (tests/tpr_band.py,
+    # about 0.92 .. 0.97), widened by the client path's stated shift
     test = id_test(cfg)
     out = run_ort(ort_session(cfg.output), test.images)
     accepted = float((~out["is_ood"]).mean())
-    assert abs(accepted - cfg.calibrate.target_tpr) <= 0.025, accepted
+    lo, hi = accepted_band(meta.calibration_size, len(test), meta.target_tpr,
+                           shift=CLIENT_PATH_SHIFT)
+    assert lo <= accepted <= hi, (accepted, lo, hi)
     np.testing.assert_array_equal(out["is_ood"], out["score"] < np.float32(meta.threshold))
     assert meta.threshold == pytest.approx(calib["threshold"])
     assert meta.class_names == data.FASHION_CLASSES
@@ -60,7 +64,11 @@ def test_default_bundle_is_accurate_and_calibrated():
     accuracy = float((out["pred_class"] == test.labels).mean())
     accepted = float((~out["is_ood"]).mean())
     assert accuracy >= 0.90, accuracy
-    assert abs(accepted - meta.target_tpr) <= 0.015, accepted
+    # 6,000 calibration and 10,000 test images: the beta-binomial band (tests/tpr_band.py,
+    # about 0.935 .. 0.963) plus the client path's stated shift; measured 0.948
+    lo, hi = accepted_band(meta.calibration_size, len(test), meta.target_tpr,
+                           shift=CLIENT_PATH_SHIFT)
+    assert lo <= accepted <= hi, (accepted, lo, hi)
     assert (out["memory_index"][out["is_ood"]] == -1).all()
 
 

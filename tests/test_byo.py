@@ -1,10 +1,11 @@
-"""Bring your own data (issue 16): the README's flow, a folder of 3 shapes x 60 images at 64 px
+"""Bring your own data (issue 16): docs/build.md's flow, a folder of 3 shapes x 60 images at 64 px
 RGB, built with the library defaults and no tuning, screens far-OOD images and accepts unseen
 ID images near its target; and every first-contact failure the issue lists ends in one line
 that names the problem and the fix, no traceback (``--debug`` shows it)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from docblocks import blocks, matches
 from PIL import Image, ImageDraw
+from tpr_band import accepted_band, holdout_accepted
 
 from hopgate.model_export.cli import main
 from hopgate.model_export.config import load_config
@@ -47,7 +50,7 @@ def shapes(root: Path, per_class: int, seed: int, size: int = 64) -> Path:
 
 
 def readme_config(tmp_path: Path, folder: Path, **data_extra) -> Path:
-    """The README's config: where the data is and the model's input, nothing tuned."""
+    """docs/build.md's config: where the data is and the model's input, nothing tuned."""
     lines = ["name: shapes", f"workdir: {tmp_path / 'work'}", f"output: {tmp_path / 'shapes.onnx'}",
              "data:", f"  id: folder:{folder}", "  size: [32, 32]", "  channels: 3"]
     lines += [f"  {k}: {v}" for k, v in data_extra.items()]
@@ -192,7 +195,7 @@ def test_service_settings_errors_are_one_line(monkeypatch, capsys, env, expected
         assert text in err, err
 
 
-# --- the README's flow, end to end -------------------------------------------------------------
+# --- docs/build.md's flow, end to end ----------------------------------------------------------
 
 @pytest.mark.slow  # trains a small backbone (~120 steps) and exports
 def test_readme_byo_flow_builds_with_defaults_and_screens(tmp_path, capsys):
@@ -207,7 +210,11 @@ def test_readme_byo_flow_builds_with_defaults_and_screens(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "clamped to" in log and "epochs: auto" in log  # said what it changed, and why
     assert "calibration on 54 held-out images" in log  # a small split is named as such
-    assert "parity ok on 1000 images" in log  # the README's promise, met on a small hold-out
+    assert "parity ok on 1000 images" in log  # docs/build.md's promise, on a small hold-out
+    # the output docs/build.md shows for this build: its stable parts, line by line
+    page = Path(__file__).resolve().parents[1] / "docs" / "build.md"
+    shown = next(b for b in blocks(page) if b.mark == "output")
+    assert matches(shown.text, log) is None, (matches(shown.text, log), log)
 
     card = out.with_suffix(".md").read_text()
     assert f"hopgate-export build -c {cfg} --set seed=0" in card  # the Rebuild line
@@ -227,5 +234,16 @@ def test_readme_byo_flow_builds_with_defaults_and_screens(tmp_path, capsys):
     aurocs = {name: ood_metrics(got["score"], run_ort(sess, imgs)["score"])["auroc"]
               for name, imgs in (("noise", noise), ("photos", photos))}
     assert min(aurocs.values()) >= 0.95, aurocs  # measured: noise 0.996, photos 0.985
+    # 54 calibration images cannot pin the rate on unseen images tightly: tau is the 3rd
+    # smallest of 54 scores, so the true TPR spreads like Beta(52, 3) (sd ~0.03) and 150 unseen
+    # images add binomial noise. Checked instead: (a) on its own hold-out the calibration did
+    # exactly its job (52 of 54 accepted, a count, so no float rounding enters), (b) on the 150
+    # unseen images the rate lies in the distribution-free band of tests/tpr_band.py (about
+    # 0.73 .. 1.0, failing by chance once in 10,000 runs): it catches a skipped, flipped or
+    # mis-targeted threshold, not an off-by-one in the order statistic (test_tpr_band.py does that).
+    calib = json.loads((tmp_path / "work" / "calibration.json").read_text())
+    assert calib["calibration_size"] == meta.calibration_size == 54
+    assert calib["holdout_tpr"] == holdout_accepted(54, meta.target_tpr), calib
     accepted = float((~got["is_ood"]).mean())
-    assert abs(accepted - meta.target_tpr) <= 0.03, accepted  # measured: 0.947
+    lo, hi = accepted_band(meta.calibration_size, len(unseen), meta.target_tpr)
+    assert lo <= accepted <= hi, (accepted, lo, hi)  # measured: 0.947 and 0.987 (two CPUs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tpr_band import CLIENT_PATH_SHIFT, accepted_band
 
 from hopgate.model_export.calibrate import accepted_share
 from hopgate.model_export.data import sources as data
@@ -67,11 +68,13 @@ def test_report_scores_are_bundle_scores(bench, tmp_path):
     assert set(scores["ood"]) == {"digits", "photos", "faces", "glyphs", "noise"}
     assert cache_path(cfg_small) == tmp_path / "eval" / "cache.pt"  # under the work dir
     assert cache_path(cfg_small).exists()
-    # T unrolled steps: the deciding score is calibrated per T on the hold-out, so the 300 ID
-    # test images the threshold never saw are accepted at the target (binomial sd ~1.3 %)
+    # T unrolled steps: the deciding score is calibrated per T on the (raw) hold-out, so the
+    # 300 ID test images the threshold never saw are accepted at the target, within the
+    # beta-binomial band of 2,400 calibration and 300 test images (tests/tpr_band.py: ~0.89 .. 0.99)
     rows = steps_rows(model.head, cache, (0, 1))
     assert [r["steps"] for r in rows] == [0, 1]
-    assert all(abs(r["id_accepted"] - 0.95) <= 0.04 for r in rows), rows
+    lo, hi = accepted_band(len(cache["holdout"]["phi"]), len(cache["test"]["phi"]), 0.95)
+    assert all(lo <= r["id_accepted"] <= hi for r in rows), (rows, lo, hi)
     assert model.head.steps == cfg.memory.steps  # the head's own T is left as it was
 
 
@@ -81,7 +84,11 @@ def test_calibrated_threshold_holds_on_unseen_id(bench):
     test = id_test(cfg)
     scores, _ = torch_scores(model, test.images)
     share = accepted_share(scores, calib["threshold"])
-    assert abs(share - calib["target_tpr"]) <= 0.015, share
+    # 2,400 client-path calibration images, 2,000 raw test images: the beta-binomial band
+    # (tests/tpr_band.py, ~0.92 .. 0.97) widened by the client path's stated shift
+    lo, hi = accepted_band(calib["calibration_size"], len(test), calib["target_tpr"],
+                           shift=CLIENT_PATH_SHIFT)
+    assert lo <= share <= hi, (share, lo, hi)
 
 
 def test_metrics_conventions_and_bootstrap():

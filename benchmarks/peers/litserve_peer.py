@@ -28,7 +28,7 @@ class Gate(ls.LitAPI):
 
     def decode_request(self, request):
         m = self.meta
-        return decode(request["images"].file.read(), m.height, m.width, m.channels, m.resize)
+        return decode(request["images"].file.read(), m.height, m.width, m.channels, m.pixels)
 
     def batch(self, inputs):
         return np.stack(inputs)

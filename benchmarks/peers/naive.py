@@ -23,7 +23,7 @@ app = FastAPI()
 
 @app.post("/score")
 async def score(request: Request) -> dict:
-    x = decode(await request.body(), meta.height, meta.width, meta.channels, meta.resize)
+    x = decode(await request.body(), meta.height, meta.width, meta.channels, meta.pixels)
     out = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {INPUT_IMAGES: x[None]})))
     return {"ood": bool(out["is_ood"][0]), "score": float(out["score"][0]),
             "predicted_class": int(out["pred_class"][0]), "threshold": meta.threshold}

@@ -17,6 +17,9 @@
   (its neighbours are unaffected), and so does a file the client could not read
   (``error.status`` 0). A request that fails as a whole (401, retries exhausted, server
   unreachable) raises ``ScoreError``.
+* One pass: ``Client(url, top_k=3)`` asks every /score for the classifier's 3 most probable
+  classes (``Result.probabilities``; ``logits=True`` adds each logit), for bundles that carry
+  the classifier's logits, so no second call to the classifier is needed.
 * Retries: 429 and 503 (queue full, draining) and refused connections are retried, waiting
   what ``Retry-After`` says (seconds or an HTTP date; else exponential backoff), at most
   ``Retry.attempts`` tries and ``Retry.budget_s`` seconds of waiting in all.
@@ -34,11 +37,11 @@ from typing import Any
 import httpx
 
 from .inputs import Image, by_bytes, chunks, encode, encode_all, merge
-from .results import ErrorInfo, Memory, ModelInfo, Result, ScoreError, Timings
+from .results import ClassProbability, ErrorInfo, Memory, ModelInfo, Result, ScoreError, Timings
 from .retry import RETRY_STATUSES, Retry
 
-__all__ = ["AsyncClient", "Client", "ErrorInfo", "Image", "Memory", "ModelInfo", "Result",
-           "Retry", "ScoreError", "Timings"]
+__all__ = ["AsyncClient", "ClassProbability", "Client", "ErrorInfo", "Image", "Memory",
+           "ModelInfo", "Result", "Retry", "ScoreError", "Timings"]
 
 # whole-request refusals that are about the images, not the server: each image gets the error
 PER_IMAGE_STATUSES = frozenset({400, 413, 415, 422})
@@ -46,8 +49,13 @@ PER_IMAGE_STATUSES = frozenset({400, 413, 415, 422})
 
 class _Base:
     def __init__(self, url: str, api_key: str | None, retry: Retry | None,
-                 max_request_bytes: int):
+                 max_request_bytes: int, top_k: int | None = None, logits: bool = False):
         self.url = url.rstrip("/")
+        self.params: dict[str, str] = {}  # /score's query: the classifier's top-k (one pass)
+        if top_k is not None:
+            self.params["top_k"] = str(top_k)
+        if logits:
+            self.params["logits"] = "true"
         self.retry = retry or Retry()
         self.max_request_bytes = max_request_bytes
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -110,8 +118,9 @@ class Client(_Base):
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 30.0,
                  retry: Retry | None = None, max_request_bytes: int = 8 << 20,
-                 transport: httpx.BaseTransport | None = None):
-        super().__init__(url, api_key, retry, max_request_bytes)
+                 transport: httpx.BaseTransport | None = None, top_k: int | None = None,
+                 logits: bool = False):
+        super().__init__(url, api_key, retry, max_request_bytes, top_k, logits)
         self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers,
                                  transport=transport)
 
@@ -163,7 +172,7 @@ class Client(_Base):
             r: httpx.Response | None = None
             error: Exception | None = None
             try:
-                r = self.http.post("/score", files=self._files(parts))
+                r = self.http.post("/score", files=self._files(parts), params=self.params)
             except httpx.ConnectError as e:
                 error = e
             if r is not None and r.status_code not in RETRY_STATUSES:
@@ -181,8 +190,9 @@ class AsyncClient(_Base):
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 30.0,
                  retry: Retry | None = None, max_request_bytes: int = 8 << 20,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(url, api_key, retry, max_request_bytes)
+                 transport: httpx.AsyncBaseTransport | None = None, top_k: int | None = None,
+                 logits: bool = False):
+        super().__init__(url, api_key, retry, max_request_bytes, top_k, logits)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self.headers,
                                       transport=transport)
 
@@ -250,7 +260,8 @@ class AsyncClient(_Base):
             r: httpx.Response | None = None
             error: Exception | None = None
             try:
-                r = await self.http.post("/score", files=self._files(parts))
+                r = await self.http.post("/score", files=self._files(parts),
+                                         params=self.params)
             except httpx.ConnectError as e:
                 error = e
             if r is not None and r.status_code not in RETRY_STATUSES:

@@ -34,6 +34,16 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
+class ClassProbability:
+    """One of the classifier's top-k classes (``Client(top_k=K)``: the one-pass shape)."""
+
+    class_index: int
+    label: str
+    probability: float
+    logit: float | None = None  # with ``Client(logits=True)``
+
+
+@dataclass(frozen=True)
 class Timings:
     queue_ms: float
     compute_ms: float
@@ -58,6 +68,7 @@ class Result:
     model_version: str | None = None
     timings: Timings | None = None
     error: ErrorInfo | None = None
+    probabilities: tuple[ClassProbability, ...] = ()  # with top_k: most probable first
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -81,6 +92,10 @@ class Result:
             model_version=d.get("model_version"),
             timings=Timings(t["queue_ms"], t["compute_ms"], t["batch_size"]) if t else None,
             error=error_info(err) if isinstance(err, dict) else None,
+            probabilities=tuple(
+                ClassProbability(int(p["class_index"]), str(p["label"]),
+                                 float(p["probability"]), p.get("logit"))
+                for p in d.get("probabilities") or ()),
             raw=d)
 
     @classmethod

@@ -33,7 +33,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from ..bundle import BundleError
 from ..client import AsyncClient, ScoreError
 from .output import Output, OutputError, row_of
 from .summary import page, summarise, text
@@ -193,8 +195,33 @@ async def run(args: argparse.Namespace, in_process: InProcess | None = None) -> 
     return stats
 
 
-def main(argv: list[str] | None = None, in_process: InProcess | None = None) -> int:
+def url_problem(url: str) -> str | None:
+    """--url is the service's origin: a scheme, a host and a port, no path."""
+    if "://" not in url:
+        return f"--url {url!r} has no scheme: write http://{url}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"--url {url!r}: give an http:// or https:// address, e.g. http://127.0.0.1:8000"
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return (f"--url {url!r} is not a bare origin: give the service's root, "
+                f"{parts.scheme}://{parts.netloc} (hopgate-screen calls /score itself)")
+    return None
+
+
+def main(argv: list[str] | None = None, in_process: InProcess | None = None,
+         check_bundle: Callable[[Path], object] | None = None) -> int:
+    """``check_bundle``: refuses a bad --bundle with a BundleError before anything is read or
+    loaded (the service's runtime.check_bundle, as hopgate-serve uses it)."""
     args = parser().parse_args(argv)
+    try:  # a wrong address or bundle: one line, exit 2, before any work
+        problem = url_problem(args.url) if args.url is not None else None
+        if args.bundle is not None and check_bundle is not None:
+            check_bundle(args.bundle)
+    except BundleError as e:
+        problem = str(e)
+    if problem:
+        print(f"hopgate-screen: {problem}", file=sys.stderr)
+        return 2
     try:
         stats = asyncio.run(run(args, in_process))
     except (OutputError, FileNotFoundError, ScoreError) as e:

@@ -2,6 +2,8 @@
 
     classifier (.onnx | TorchScript | module:factory) + folder:DIR of its training images
       -> logits and penultimate features found in its graph (surgery.py)
+      -> the classifier checked against the folder's labels under the stated preprocessing
+         and its usual alternatives, before anything is fitted (guard.py)
       -> features and logits by onnxruntime on the folder, decoded as the service decodes
       -> memories on the correctly classified training features (fit.fit_memory, the gate
          variant of configs/default.yaml), per class of the classifier
@@ -27,27 +29,37 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hopgate.bundle import OUTPUTS, load_meta
+from hopgate.bundle import OUTPUTS
+from hopgate.pixels import Resize
 
 from ..calibrate import (
     VerdictError,
-    accepted_share,
     check_floor,
     check_one_verdict,
     quantile_table,
     threshold_at_tpr,
 )
 from ..data.clientpath import calibration_images
-from ..data.sources import split_holdout
-from ..evaluation.metrics import ood_metrics
-from ..export import _make_threshold_overridable, run_ort
+from ..data.sources import Split, split_holdout
+from ..export import _make_threshold_overridable, expose_logits
 from ..fit import fit_memory
 from ..recipe import attached_meta, fit_settings, make_head
 from ..reclag import PAD, RecLagHead, prepare_features
-from .classifier import check_input, load_classifier, to_opset
+from .classifier import check_input, input_dtype, load_classifier, to_opset
 from .config import AttachConfig, AttachError, auto_shrinkage
-from .images import far_ood, folder_labels, load_folder
-from .surgery import compose, expose, find_features, find_logits, reference, save, too_large
+from .guard import Guard, probe
+from .images import decode_files, folder_labels, list_folder, served_parity
+from .report import evaluate
+from .surgery import (
+    check_features,
+    compose,
+    expose,
+    find_features,
+    find_logits,
+    reference,
+    save,
+    too_large,
+)
 
 BATCH = 32  # images per onnxruntime call: a 224 px classifier's arena stays small
 LOGITS_ATOL = 1e-3  # |bundle logits - classifier logits| allowed (float32, fused kernels)
@@ -62,7 +74,7 @@ def log(msg: str) -> None:
 
 def _session(model: onnx.ModelProto | Path, tmp: Path | None = None, stem: str = "graph"):
     """An onnxruntime session of a file or an in-memory model (via ``tmp/stem.onnx`` when too
-    large to pass as bytes); the log_lambda initializer-input is intended: warnings off."""
+    large to pass as bytes); warnings off."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -79,15 +91,16 @@ def _session(model: onnx.ModelProto | Path, tmp: Path | None = None, stem: str =
 class Extractor:
     """The classifier's own graph (features exposed) on numpy-preprocessed pixels."""
 
-    def __init__(self, session, features: str, logits: str, cfg: AttachConfig):
+    def __init__(self, session, features: str, logits: str, cfg: AttachConfig, dtype=np.float32):
         self.sess, self.names, self.pre = session, [features, logits], cfg.preprocess
-        self.input = session.get_inputs()[0].name
+        self.input, self.dtype = session.get_inputs()[0].name, dtype
 
     def __call__(self, images: np.ndarray, desc: str = "", progress: bool = False,
                  batch: int = BATCH) -> tuple[np.ndarray, np.ndarray]:
         phi, logits = [], []
         for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
-            f, z = self.sess.run(self.names, {self.input: reference(self.pre, images[i:i + batch])})
+            f, z = self.sess.run(self.names, {self.input: reference(
+                self.pre, images[i:i + batch], self.dtype)})
             phi.append(f)
             logits.append(z)
         f, z = np.concatenate(phi), np.concatenate(logits)
@@ -141,9 +154,7 @@ def export_head(head: RecLagHead, dim: int, classes: int, tau: float,
             _HeadGraph(head.eval()), example, dynamo=True, opset_version=opset,
             input_names=["phi", "logits", "log_lambda"], output_names=list(OUTPUTS),
             dynamic_shapes=({0: batch}, {0: batch}, None), optimize=True, verbose=False)
-    proto = program.model_proto
-    _make_threshold_overridable(proto, tau)
-    return proto
+    return program.model_proto  # log_lambda made optional after compose (subgraphs keep names)
 
 
 def run_attach(cfg: AttachConfig, model: str, data: str, test: str | None = None,
@@ -157,31 +168,46 @@ def _attach(cfg: AttachConfig, model: str, data: str, test: str | None, progress
             tmp: Path) -> dict:
     t0 = _START[0] = time.time()
     pre = cfg.preprocess
-    user, opset = to_opset(load_classifier(model, pre, cfg.opset), cfg.opset)
+    user, module = load_classifier(model, pre, cfg.opset)
+    user, opset = to_opset(user, cfg.opset)
     user_input = check_input(user, pre)
+    dtype = input_dtype(user, user_input)
     logits_name, how = find_logits(user, cfg.logits)
+    if cfg.features:
+        check_features(user, cfg.features, logits_name)
     features = cfg.features or find_features(user, logits_name)
     found = "named in the config" if cfg.features else "input of the final Gemm/MatMul"
     log(f"logits: {logits_name} ({how}); features: {features} ({found})")
     expose(user, [features, logits_name])
-    extract = Extractor(_session(user, tmp, "classifier"), features, logits_name, cfg)
+    extract = Extractor(_session(user, tmp, "classifier"), features, logits_name, cfg, dtype)
 
-    folder = load_folder(data, cfg)
+    folder_names, files, folder_index = list_folder(data)
+    folder = Split(decode_files(files, pre), folder_index, folder_names)
+    num_classes = extract(folder.images[:2])[1].shape[1]
+    index, rule = folder_labels(folder.class_names, cfg, num_classes)
+    log(f"labels: {rule}")
+    free = [d.dim_value == 0 for d in next(
+        i for i in user.graph.input if i.name == user_input).type.tensor_type.shape.dim]
+    guard = Guard(probe(extract, module, pre), pre, folder.images, folder.labels, files,
+                  index, np.dtype(dtype) == np.uint8, module is not None or any(free[1:]),
+                  cfg.seed, log).run() if cfg.check else {}
+    if not cfg.check:
+        log("check: false: the classifier is not checked against the folder (guard.py)")
+
     train, holdout = split_holdout(folder, cfg.holdout_fraction, cfg.seed)
     phi, logits = extract(train.images, "train features", progress)
-    num_classes, dim = logits.shape[1], phi.shape[1]
+    dim = phi.shape[1]
     names = cfg.class_names or [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise AttachError(f"class_names has {len(names)} names; the classifier has "
                           f"{num_classes} logits")
     log(f"{len(folder)} images in {len(folder.class_names)} folders: {len(train)} to fit, "
         f"{len(holdout)} to calibrate; features {dim}-d, {num_classes} classes")
-    index, rule = folder_labels(folder.class_names, cfg, num_classes)
     pred = logits.argmax(1)
     labels = pred if index is None else index[train.labels]
     right = pred == labels
-    log(f"labels: {rule}; {int(right.sum())} of {len(train)} training images correctly "
-        f"classified")
+    log(f"{int(right.sum())} of {len(train)} training images correctly classified"
+        + ("" if index is None else f" ({right.mean():.1%})"))
     if not right.any():
         raise AttachError("no training image is classified as its folder's class: check "
                           "labels/class_names and the preprocessing")
@@ -191,7 +217,9 @@ def _attach(cfg: AttachConfig, model: str, data: str, test: str | None, progress
         f"{len(np.unique(labels[right]))} classes with memories")
 
     c = cfg.calibrate
-    cal = calibration_images(holdout.images, c.client_path, cfg.seed, pre.resize)
+    # the client-path copies are of the classifier's view: fitted back without a crop
+    cal = calibration_images(holdout.images, c.client_path, cfg.seed,
+                             Resize("stretch", pre.resize_filter))
     cal_phi, cal_logits = extract(cal, "calibration", progress)
     with torch.no_grad():
         scores = head.score(torch.from_numpy(cal_phi), torch.from_numpy(cal_logits)).numpy()
@@ -203,6 +231,7 @@ def _attach(cfg: AttachConfig, model: str, data: str, test: str | None, progress
     proto = compose(user, user_input, features, logits_name,
                     export_head(head, dim, num_classes, tau, opset), pre,
                     extra=[logits_name])
+    _make_threshold_overridable(proto, tau)  # log_lambda optional, defaulting to tau
     meta = attached_meta(cfg, Path(model).name, names, head, tau,
                          quantile_table(scores, c.quantiles), len(scores), train.fingerprint())
     del proto.metadata_props[:]
@@ -213,10 +242,13 @@ def _attach(cfg: AttachConfig, model: str, data: str, test: str | None, progress
     report = check_bundle(proto, head, extract, cal, cal_phi, cal_logits, holdout.images,
                           tau, cfg, tmp, "user/" + logits_name)
     del proto.graph.output[len(OUTPUTS):]  # the parity copy's extra logits output
+    expose_logits(proto)  # the classifier's logits as the bundle's own (one pass: top_k)
     path = save(proto, cfg.output)
-    load_meta(path)  # what the service reads first
-    report.update(evaluate(path, holdout.images, tau, cfg, test, extract))
+    log(served_parity(path, files, folder.images, cfg))
+    report.update(evaluate(_session(path), holdout.images, tau, cfg, test, extract,
+                           num_classes, log))
     report.update(features=features, logits=logits_name, labels=rule, path=str(path),
+                  classifier_check=guard,
                   bytes=path.stat().st_size, threshold=tau, seconds=round(time.time() - t0, 1))
     log(f"wrote {path} ({report['bytes'] / 1e6:.1f} MB) in {report['seconds']} s")
     return report
@@ -258,27 +290,3 @@ def check_bundle(proto: onnx.ModelProto, head: RecLagHead, extract: Extractor, c
                           "the composed graph does not compute the classifier")
     return {"logits_max_abs_diff": diff, "pred_class_agreement": same,
             "score_max_abs_diff": score_diff, "parity_images": len(images)}
-
-
-def evaluate(path: Path, holdout: np.ndarray, tau: float, cfg: AttachConfig, test: str | None,
-             extract: Extractor) -> dict:
-    """AUROC of the held-out ID images against the far-OOD set, and on ``test`` (a folder
-    the build never saw) the accepted share and the agreement with the classifier."""
-    sess = _session(path)
-    id_scores = run_ort(sess, holdout, batch_size=BATCH)["score"]
-    ood = {k: run_ort(sess, v, batch_size=BATCH)["score"] for k, v in far_ood(cfg).items()}
-    per = {k: round(ood_metrics(id_scores, s)["auroc"], 4) for k, s in ood.items()}
-    auroc = ood_metrics(id_scores, np.concatenate(list(ood.values())))["auroc"]
-    sets = ", ".join(f"{k} {v}" for k, v in per.items())
-    log(f"far-OOD AUROC {auroc:.4f} (held-out ID vs {sets})")
-    out = {"auroc": auroc, "auroc_per_set": per}
-    if test is not None:
-        t = load_folder(test, cfg)
-        got = run_ort(sess, t.images, batch_size=BATCH)
-        _, want = extract(t.images)
-        out["test_accepted"] = accepted_share(got["score"], tau)
-        out["test_agreement"] = float((got["pred_class"] == want.argmax(1)).mean())
-        log(f"test folder: accepts {out['test_accepted']:.4f} of {len(t)} images (target "
-            f"{cfg.calibrate.target_tpr}); predicted class = classifier's on "
-            f"{out['test_agreement']:.2%}")
-    return out

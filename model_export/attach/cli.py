@@ -26,6 +26,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output", "-o", help="the bundle to write (default: the config's output)")
     ap.add_argument("--test", metavar="folder:DIR",
                     help="ID images the build never sees: report the share the gate accepts")
+    ap.add_argument("--ood", action="append", default=[], metavar="folder:DIR",
+                    help="your own OOD images for the report (repeatable; every image under DIR)")
+    ap.add_argument("--ood-sets", metavar="NAMES",
+                    help="built-in OOD sets of the report, comma-separated (noise, digits, "
+                         "glyphs, faces, fashion_mnist), or none")
     ap.add_argument("--json", help="also write the report to this JSON file")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
@@ -44,6 +49,15 @@ def main(argv: list[str]) -> int:
         overrides["features"] = args.features
     if args.output:
         overrides["output"] = args.output
+    for spec in args.ood:
+        if not spec.startswith("folder:"):
+            print(f"hopgate-export attach: --ood {spec!r}: give folder:DIR", file=sys.stderr)
+            return 2
+    if args.ood:
+        overrides["ood_folders"] = args.ood
+    if args.ood_sets is not None:
+        names = [n.strip() for n in args.ood_sets.split(",") if n.strip()]
+        overrides["ood_sets"] = [] if names == ["none"] else names
     try:
         cfg = load_attach_config(args.config, overrides)
     except ConfigError as e:
@@ -65,7 +79,8 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # one line too, as the other commands (--debug: the traceback)
         if args.debug:
             raise
-        print(f"hopgate-export attach: {type(e).__name__}: {e}", file=sys.stderr)
+        first = next((x for x in str(e).splitlines() if x.strip()), "")
+        print(f"hopgate-export attach: {type(e).__name__}: {first}", file=sys.stderr)
         return 1
     if args.json:
         with open(args.json, "w") as f:

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hopgate.pixels import Resize
+
 from ..config import CalibrateConfig, MemoryConfig, load_config
 
 
@@ -28,12 +30,25 @@ class Preprocess(_Strict):
 
     size: tuple[int, int] = (224, 224)  # (height, width) the classifier takes
     channels: Literal[1, 3] = 3
-    resize: Literal["stretch", "center_crop"] = "stretch"  # the service's two fit policies
+    # how an image is fitted to ``size`` (hopgate.pixels.Resize): stretch, center_crop (the
+    # centred square) or shorter_side (aspect kept); the filter (auto: Lanczos down, bilinear
+    # up); crop: the centred share kept after resizing to size / crop (torchvision's 256 -> 224
+    # is shorter_side with crop 0.875)
+    resize: Literal["stretch", "center_crop", "shorter_side"] = "stretch"
+    resize_filter: Literal["auto", "nearest", "bilinear", "bicubic", "lanczos", "box"] = "auto"
+    crop: float = Field(1.0, gt=0, le=1)
     scale: float = Field(255.0, gt=0)  # 255: pixels to [0, 1] first; 1: keep 0..255
-    mean: list[float] = [0.0, 0.0, 0.0]
-    std: list[float] = [1.0, 1.0, 1.0]
+    mean: list[float] = [0.0]  # one value: the same for every channel
+    std: list[float] = [1.0]
     channel_order: Literal["RGB", "BGR"] = "RGB"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+    # true: the classifier normalises inside its graph and takes 0..255 pixels (float or
+    # uint8, as its input says): scale 1, no mean/std; a scale/mean/std given as well is an error
+    in_graph: bool = False
+
+    @property
+    def pixels(self) -> Resize:
+        return Resize(self.resize, self.resize_filter, self.crop)
 
     def input_shape(self, batch: int) -> tuple[int, ...]:
         """The classifier's input shape for ``batch`` images."""
@@ -43,6 +58,12 @@ class Preprocess(_Strict):
 
     @model_validator(mode="after")
     def _per_channel(self) -> Preprocess:
+        if self.in_graph:
+            given = sorted({"scale", "mean", "std"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"in_graph: true means no scaling and no mean/std; remove "
+                                 f"{', '.join(given)}")
+            self.scale, self.mean, self.std = 1.0, [0.0], [1.0]
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) == 1:
@@ -88,9 +109,18 @@ class AttachConfig(_Strict):
     holdout_fraction: float = Field(0.3, gt=0, lt=0.9)  # calibration split of the folder
     memory: MemoryConfig = MemoryConfig()  # DEFAULTS["memory"] under what the config says
     calibrate: CalibrateConfig = CalibrateConfig()
+    # check the classifier against the folder before fitting (guard.py); false: skip it, for
+    # a folder whose sub-folders are not the classifier's classes (the build says so)
+    check: bool = True
     opset: int = Field(18, ge=18)  # the least opset: an older classifier is converted up
     parity_images: int = Field(256, ge=1)
     ood_images: int = Field(100, ge=1)  # per far-OOD kind in the build's AUROC report
+    # the built-in far-OOD sets of the report ([] = none) and the user's own (folder:DIR,
+    # every image under it); a built-in set scoring like ID (AUROC < 0.6) is left out of the
+    # headline and named ("looks like your data")
+    ood_sets: list[Literal["noise", "digits", "glyphs", "faces", "fashion_mnist"]] = [
+        "noise", "digits", "glyphs", "faces", "fashion_mnist"]
+    ood_folders: list[str] = []
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from .config import AttachError, Preprocess
 LARGE_BYTES = 1_800_000_000  # above this the bundle keeps its weights as external data
 _MATMUL = ("Gemm", "MatMul")
 _PASS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")  # shape-only ops
+_SCALE = ("Div", "Mul", "Sub")  # by a constant: a temperature z / T, a scale, a shift
 _PROBS = ("Softmax", "LogSoftmax")
 
 
@@ -51,6 +52,11 @@ def find_logits(model: onnx.ModelProto, name: str | None) -> tuple[str, str]:
     elif name not in outputs and name not in _producers(model.graph):
         raise AttachError(f"logits {name!r} is not a tensor of the classifier "
                           f"(outputs {outputs})")
+    for out in outputs:  # a named ``logits`` may be another output's features
+        if out != name and _walk_back(model, out)[0] == name:
+            raise AttachError(f"logits {name!r} is the input of the final Gemm/MatMul of "
+                              f"output {out!r}, i.e. the penultimate features: set "
+                              f"logits: {out}")
     node = _producers(model.graph).get(name)
     if node is not None and node.op_type in _PROBS:
         return node.input[0], f"input of the final {node.op_type} (output {name!r})"
@@ -59,21 +65,35 @@ def find_logits(model: onnx.ModelProto, name: str | None) -> tuple[str, str]:
 
 def find_features(model: onnx.ModelProto, logits: str) -> str:
     """The penultimate features: the non-constant input of the last Gemm/MatMul (+ Add) that
-    makes ``logits``, looking through shape-only ops."""
+    makes ``logits``, looking through shape-only ops and scaling by a constant."""
+    found, seen = _walk_back(model, logits)
+    if found is not None:
+        return found
+    raise AttachError(f"no final Gemm/MatMul found behind {logits!r} (walked back through "
+                      f"{' <- '.join(seen) or 'nothing'}): name the penultimate tensor with "
+                      "--features")
+
+
+def _walk_back(model: onnx.ModelProto, logits: str) -> tuple[str | None, list[str]]:
+    """(the final Gemm/MatMul's moving input or None, the tensors from its output to
+    ``logits`` or, when none was found, the op types walked through)."""
     graph = model.graph
     prod, const = _producers(graph), _constants(graph)
-    name, seen = logits, []
+    name, seen, chain = logits, [], []
     for _ in range(8):
         node = prod.get(name)
         if node is None:
             break
         seen.append(node.op_type)
+        chain.append(name)
         if node.op_type in _MATMUL:
             moving = [i for i in node.input[:2] if i not in const]
             if len(moving) == 1:
-                return moving[0]
+                return moving[0], chain
             break
-        if node.op_type == "Add":  # the bias: follow the side that is not a constant
+        if node.op_type == "Add" or (node.op_type in _SCALE and (
+                node.op_type == "Mul" or node.input[1] in const)):
+            # the bias, or a temperature / scale by a constant: follow the moving side
             moving = [i for i in node.input if i not in const]
             if len(moving) != 1:
                 break
@@ -82,9 +102,32 @@ def find_features(model: onnx.ModelProto, logits: str) -> str:
             name = node.input[0]
         else:
             break
-    raise AttachError(f"no final Gemm/MatMul found behind {logits!r} (walked back through "
-                      f"{' <- '.join(seen) or 'nothing'}): name the penultimate tensor with "
-                      "--features")
+    return None, seen
+
+
+def check_features(model: onnx.ModelProto, features: str, logits: str) -> None:
+    """``--features`` must be a tensor before the logits: not the logits, not a tensor
+    between the final Gemm/MatMul and them (a temperature), not one computed from them
+    (probabilities). The features must be a tensor of the graph."""
+    graph = model.graph
+    if features not in _producers(graph) and features not in {i.name for i in graph.input}:
+        raise AttachError(f"--features {features!r} is not a tensor of the classifier")
+    found, chain = _walk_back(model, logits)
+    if found is None:
+        chain = [logits]
+    after, todo = set(chain), list(chain)
+    while todo:  # everything computed from the logits
+        t = todo.pop()
+        for n in graph.node:
+            if t in n.input:
+                new = [o for o in n.output if o not in after]
+                after.update(new)
+                todo += new
+    if features in after:
+        hint = f" ({found!r}, found by itself without --features)" if found else ""
+        raise AttachError(f"--features {features!r} is the logits or computed from them: "
+                          "name the penultimate tensor, the input of the final Gemm/MatMul"
+                          + hint)
 
 
 def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -104,41 +147,52 @@ def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 # --- preprocessing and composition -----------------------------------------------------
 
-def preprocess_graph(pre: Preprocess, opset: int, ir_version: int, out: str) -> onnx.ModelProto:
-    """uint8 [B, H, W, C] ``images`` -> the classifier's float input, as ``preprocess`` states:
-    cast, BGR flip, (x / scale - mean) / std, NHWC -> NCHW. ``reference`` is its numpy twin."""
+def preprocess_graph(pre: Preprocess, opset: int, ir_version: int, out: str,
+                     dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """uint8 [B, H, W, C] ``images`` -> the classifier's input (element type ``dtype``), as
+    ``preprocess`` states: BGR flip, cast, (x / scale - mean) / std, NHWC -> NCHW; a uint8
+    input gets the pixels as they are (the graph normalises them). ``reference`` is its
+    numpy twin."""
     h, w = pre.size
     c = pre.channels
     consts = [numpy_helper.from_array(np.asarray(v, np.float32).reshape(-1), n) for n, v in
               (("pre/scale", [pre.scale]), ("pre/mean", pre.mean), ("pre/std", pre.std))]
-    nodes = [helper.make_node("Cast", [INPUT_IMAGES], ["pre/f"], to=TensorProto.FLOAT)]
-    x = "pre/f"
+    nodes, x = [], INPUT_IMAGES
     if pre.channel_order == "BGR" and c == 3:
         consts.append(numpy_helper.from_array(np.asarray([2, 1, 0], np.int64), "pre/bgr"))
         nodes.append(helper.make_node("Gather", [x, "pre/bgr"], ["pre/flip"], axis=3))
         x = "pre/flip"
-    nodes += [helper.make_node("Div", [x, "pre/scale"], ["pre/unit"]),
-              helper.make_node("Sub", ["pre/unit", "pre/mean"], ["pre/centred"]),
-              helper.make_node("Div", ["pre/centred", "pre/std"],
-                               ["pre/norm" if pre.layout == "NCHW" else out])]
+    if dtype != TensorProto.UINT8:
+        nodes += [helper.make_node("Cast", [x], ["pre/f"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", ["pre/f", "pre/scale"], ["pre/unit"]),
+                  helper.make_node("Sub", ["pre/unit", "pre/mean"], ["pre/centred"]),
+                  helper.make_node("Div", ["pre/centred", "pre/std"], ["pre/norm"])]
+        x = "pre/norm"
+        if dtype != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [x], ["pre/typed"], to=dtype))
+            x = "pre/typed"
     if pre.layout == "NCHW":
-        nodes.append(helper.make_node("Transpose", ["pre/norm"], [out], perm=[0, 3, 1, 2]))
+        nodes.append(helper.make_node("Transpose", [x], ["pre/nchw"], perm=[0, 3, 1, 2]))
+        x = "pre/nchw"
+    nodes.append(helper.make_node("Identity", [x], [out]))
     shape = pre.input_shape(0)
     graph = helper.make_graph(
         nodes, "preprocess",
         [helper.make_tensor_value_info(INPUT_IMAGES, TensorProto.UINT8, ["batch", h, w, c])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", *shape[1:]])], consts)
+        [helper.make_tensor_value_info(out, dtype, ["batch", *shape[1:]])],
+        consts if dtype != TensorProto.UINT8 else consts[3:])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                              ir_version=ir_version)
 
 
-def reference(pre: Preprocess, images: np.ndarray) -> np.ndarray:
-    """The preprocessing in numpy (float32, the graph's order of operations)."""
-    x = images.astype(np.float32)
+def reference(pre: Preprocess, images: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """The preprocessing in numpy (the graph's order of operations), as ``dtype``."""
+    x = images
     if pre.channel_order == "BGR" and pre.channels == 3:
         x = x[..., ::-1]
-    x = (x / np.float32(pre.scale) - np.asarray(pre.mean, np.float32)) / np.asarray(
-        pre.std, np.float32)
+    if np.dtype(dtype) != np.uint8:
+        x = ((x.astype(np.float32) / np.float32(pre.scale) - np.asarray(pre.mean, np.float32))
+             / np.asarray(pre.std, np.float32)).astype(dtype)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if pre.layout == "NCHW" else x)
 
 
@@ -184,7 +238,9 @@ def compose(user: onnx.ModelProto, user_input: str, features: str, logits: str,
     expose(user, [features, logits, *extra])
     onnx.compose.add_prefix(user, "user/", inplace=True)
     onnx.compose.add_prefix(head, "gate/", inplace=True)
-    front = _merge(preprocess_graph(pre, opset, user.ir_version, "pre/x"), user,
+    elem = next(i for i in user.graph.input
+                if i.name == "user/" + user_input).type.tensor_type.elem_type
+    front = _merge(preprocess_graph(pre, opset, user.ir_version, "pre/x", elem), user,
                    [("pre/x", "user/" + user_input)])
     keep = [f"gate/{k}" for k in OUTPUTS] + [f"user/{e}" for e in extra]
     model = _merge(front, head, [("user/" + features, "gate/phi"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from hopgate.pixels import Resize
 from hopgate.service.imaging import decode
 
 MAX_SIDE = 448  # the largest side a simulated client sends (longer natives: native size)
@@ -82,7 +83,8 @@ def encode(a: np.ndarray, enc: Encoding) -> bytes:
     return buf.getvalue()
 
 
-def served(blobs: list[bytes], shape: tuple[int, ...], resize: str = "stretch") -> np.ndarray:
+def served(blobs: list[bytes], shape: tuple[int, ...],
+           resize: str | Resize = "stretch") -> np.ndarray:
     """The service's own decode and fit of each blob, stacked as ``[N, *shape]`` uint8."""
     h, w, c = shape
     out = np.empty((len(blobs), h, w, c), dtype=np.uint8)
@@ -109,7 +111,8 @@ def random_encodings(n: int, native: tuple[int, int, int],
                      CLIENT_FILTERS[filt[i]]) for i in range(n)]
 
 
-def simulate(images: np.ndarray, rng: np.random.Generator, resize: str = "stretch") -> np.ndarray:
+def simulate(images: np.ndarray, rng: np.random.Generator,
+             resize: str | Resize = "stretch") -> np.ndarray:
     """Each native uint8 image ``[N, H, W, C]`` sent along a random client path (seeded by
     ``rng``) and back through the service: same shape, the pixels the model is served."""
     encs = random_encodings(len(images), images.shape[1:], rng)
@@ -117,7 +120,7 @@ def simulate(images: np.ndarray, rng: np.random.Generator, resize: str = "stretc
 
 
 def calibration_images(images: np.ndarray, share: float, seed: int,
-                       resize: str = "stretch") -> np.ndarray:
+                       resize: str | Resize = "stretch") -> np.ndarray:
     """The hold-out with a seeded ``share`` of its images replaced by their client-path copy
     (share 0: the native hold-out, unchanged)."""
     if share <= 0:
@@ -133,7 +136,7 @@ ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def encoding_table(score_fn: ScoreFn, images: np.ndarray, labels: np.ndarray, tau: float,
-                   target_tpr: float, resize: str = "stretch",
+                   target_tpr: float, resize: str | Resize = "stretch",
                    encodings: tuple[Encoding, ...] = ENCODINGS) -> list[dict]:
     """Per client encoding, the served images' accepted share (score >= ``tau``), accuracy,
     accuracy on the accepted ones and the gap to ``target_tpr``. ``score_fn`` maps uint8

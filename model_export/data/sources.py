@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hopgate.pixels import fit
+from hopgate.pixels import Resize, as_policy, fit
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -74,16 +74,18 @@ def fashion_mnist(split: str = "train", root: Path | None = None) -> Split:
 
 
 def resize(img: Image.Image, size: tuple[int, int], channels: int,
-           mode: str = "stretch") -> np.ndarray:
+           mode: str | Resize = "stretch") -> np.ndarray:
     """Convert to L or RGB, then the service's own resize policy, so training, evaluation and
     serving see the same pixels."""
     return fit(img.convert("L" if channels == 1 else "RGB"), size[0], size[1], mode)
 
 
 def resize_all(images: np.ndarray, size: tuple[int, int], channels: int,
-               mode: str = "stretch") -> np.ndarray:
-    """Resize a uint8 batch ``[N, H, W, C]`` to ``size`` and ``channels`` with Pillow."""
-    if images.shape[1:3] == tuple(size) and images.shape[3] == channels:
+               mode: str | Resize = "stretch") -> np.ndarray:
+    """Resize a uint8 batch ``[N, H, W, C]`` to ``size`` and ``channels`` with Pillow (a
+    batch already at the size is kept unless the policy crops)."""
+    if (images.shape[1:3] == tuple(size) and images.shape[3] == channels
+            and as_policy(mode).crop == 1):
         return images
     out = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)
     for i, a in enumerate(images):
@@ -246,13 +248,16 @@ def ood_noise(n: int = 1000, size: int = 28, channels: int = 1, seed: int = 0) -
     return np.concatenate([uni, blobs])
 
 
-def far_ood_sets(size: tuple[int, int], channels: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """The far-OOD evaluation sets, resized to a model's input."""
-    raw = {
-        "digits": ood_digits(),
-        "photos": ood_photo_patches(seed=seed),
-        "faces": ood_faces(),
-        "glyphs": ood_glyphs(seed=seed),
-        "noise": ood_noise(seed=seed),
+def far_ood_sets(size: tuple[int, int], channels: int, seed: int = 0,
+                 names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The far-OOD evaluation sets (those ``names`` names, default all), resized to a model's
+    input."""
+    make = {
+        "digits": ood_digits,
+        "photos": lambda: ood_photo_patches(seed=seed),
+        "faces": ood_faces,
+        "glyphs": lambda: ood_glyphs(seed=seed),
+        "noise": lambda: ood_noise(seed=seed),
     }
-    return {k: resize_all(v, size, channels) for k, v in raw.items()}
+    return {k: resize_all(f(), size, channels) for k, f in make.items()
+            if names is None or k in names}

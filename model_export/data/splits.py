@@ -10,8 +10,10 @@ loaded on first use and kept, so one command loads each at most once.
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..config import DATA_SOURCES, BuildConfig
 from . import sources as data
@@ -98,8 +100,18 @@ class Sets:
 
     @cached_property
     def far_ood(self) -> dict[str, np.ndarray]:
-        c = self.cfg
-        return data.far_ood_sets(c.data.size, c.data.channels, seed=c.seed)
+        """The built-in sets ``data.ood_sets`` names, then each ``data.ood_folders`` DIR."""
+        d = self.cfg.data
+        sets = data.far_ood_sets(d.size, d.channels, self.cfg.seed, d.ood_sets)
+        for spec in d.ood_folders:
+            root = Path(spec.removeprefix("folder:"))
+            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in
+                           data.IMAGE_SUFFIXES) if root.is_dir() else []
+            if not files:
+                raise data.DataError(f"data.ood_folders {spec}: no images under it")
+            sets[f"folder:{root.name}"] = np.stack([data.resize(
+                Image.open(f), d.size, d.channels, d.resize) for f in files])
+        return sets
 
     def ood(self, limit: int | None = None) -> dict[str, np.ndarray]:
         """Near-OOD (an open-set work dir's held-out classes) then far-OOD, each set cut to

@@ -18,7 +18,7 @@ from ..data.splits import Sets
 from ..model import GatedModel
 from ..recipe import load_model
 from ..train import extract
-from .metrics import ood_metrics
+from .metrics import LOOKS_LIKE_ID, headline, ood_metrics
 
 
 @torch.no_grad()
@@ -56,10 +56,14 @@ def quick_report(cfg: BuildConfig, progress: bool = True, sets: Sets | None = No
         "ood": {},
         "encodings": served_table(cfg, model, calib, test, served_limit),
     }
+    scores = {}
     for name, imgs in sets.far_ood.items():
         s, _ = torch_scores(model, imgs, progress, name)
+        scores[name] = s
         report["ood"][name] = {**ood_metrics(id_scores, s), "n": len(s),
                                "flagged_ood": 1.0 - accepted_share(s, calib["threshold"])}
+    report["far_ood_auroc"], _, report["ood_left_out"] = headline(
+        id_scores, scores, set(cfg.data.ood_sets))
     return report
 
 
@@ -71,9 +75,22 @@ def format_quick(report: dict) -> str:
              "| OOD set | n | AUROC | FPR95 (OOD accepted @ 95% ID kept) "
              "| flagged OOD at threshold |",
              "|---|---|---|---|---|"]
+    left = report.get("ood_left_out", [])
     for name, m in report["ood"].items():
-        lines.append(f"| {name} | {m['n']} | {m['auroc']:.4f} | {m['fpr95_ood_accepted']:.4f} | "
-                     f"{m['flagged_ood']:.4f} |")
+        mark = " (looks like your data: left out of the headline)" if name in left else ""
+        lines.append(f"| {name}{mark} | {m['n']} | {m['auroc']:.4f} | "
+                     f"{m['fpr95_ood_accepted']:.4f} | {m['flagged_ood']:.4f} |")
+    if report.get("far_ood_auroc") is not None:
+        kept = [k for k in report["ood"] if k not in left]
+        lines.append(f"\nFar-OOD AUROC {report['far_ood_auroc']:.4f} over {', '.join(kept)} "
+                     "pooled" + (f"; left out: {', '.join(left)}, which score like the ID data "
+                                 f"(AUROC < {LOOKS_LIKE_ID}): choose the sets with "
+                                 "data.ood_sets" if left else "") + ".")
+    elif left:
+        lines.append("\nNo far-OOD headline: every set scores like the ID data "
+                     f"({', '.join(left)}).")
+    elif not report["ood"]:
+        lines.append("No far-OOD set (data.ood_sets: [] and no data.ood_folders).")
     if report.get("encodings"):
         seen = ("Unseen ID test images" if report.get("id_set", "test") == "test"
                 else "ID hold-out images")

@@ -55,3 +55,19 @@ def bootstrap_ci(id_scores, ood_scores, n: int = 200, seed: int = 0,
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {"auroc_ci": tuple(float(v) for v in np.percentile(au, q)),
             "fpr95_ood_accepted_ci": tuple(float(v) for v in np.percentile(fp, q))}
+
+
+LOOKS_LIKE_ID = 0.6  # a built-in OOD set scoring below this AUROC is the user's own domain
+
+
+def headline(id_scores: np.ndarray, ood: dict[str, np.ndarray], builtin: set[str]
+             ) -> tuple[float | None, dict[str, float], list[str]]:
+    """(AUROC of ID against the OOD sets pooled, per set, the built-in sets left out): a
+    built-in set with AUROC < LOOKS_LIKE_ID scores like the user's own data (handwritten
+    digits for a digits classifier) and is left out of the pooled figure; sets the user
+    gave (not in ``builtin``) always count. None when no set is left."""
+    per = {k: round(ood_metrics(id_scores, s)["auroc"], 4) for k, s in ood.items()}
+    out = [k for k, v in per.items() if k in builtin and v < LOOKS_LIKE_ID]
+    kept = [s for k, s in ood.items() if k not in out]
+    auroc = ood_metrics(id_scores, np.concatenate(kept))["auroc"] if kept else None
+    return auroc, per, out

@@ -9,11 +9,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..lifecycle import is_ready
 
 router = APIRouter()
-PATHS = ("/healthz", "/readyz", "/metrics")
+PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/livez", summary="Liveness, under the Kubernetes name: the process answers")
+async def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 

@@ -19,7 +19,10 @@ With ``HOPGATE_UPSTREAM_URL`` set, /score scores every image as usual, then:
 A single-image request takes the status of its outcome; a multi-image request answers 200
 with ``upstream`` (or ``held_back``) per result (schema.ImageResult).
 
-The transparent sidecar (proxy.py) uses the same client, bounds and counters (``fetch``).
+In gatekeeper mode the answers carry the verdict headers too (``verdict_headers``: the 502 /
+504 of a failed upstream and the OOD refusal included). The transparent sidecar (proxy.py,
+passthrough.py) shares the counters and the policy, and calls the classifier with the thin
+pooled client of upstream.py (``Gate.upstream``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from ..errors import ImageError
 from ..imaging import sniff
 from ..metrics import LATENCY_BUCKETS
-from ..schema import ErrorInfo, ScoreResponse, UpstreamAnswer
+from ..schema import ErrorInfo, ImageResult, ScoreResponse, UpstreamAnswer
+from .upstream import Client
 
 TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[\x21-\x7e]*)?")
 TRACESTATE = re.compile(r"[\x20-\x7e]{1,512}")
@@ -76,6 +80,20 @@ def item_type(blob: bytes) -> str:
         return "application/octet-stream"
 
 
+def verdict_headers(results: Sequence[ImageResult] | Sequence[Any], version: str) -> dict[str, str]:
+    """``X-Hopgate-OOD`` (true when any image is OOD, ``unscored`` without a verdict),
+    ``X-Hopgate-Score`` and ``X-Hopgate-P-Value`` (one value per image, in body order,
+    comma-separated), ``X-Hopgate-Model-Version``."""
+    headers = {"x-hopgate-model-version": version}
+    if not results or any(r.ood is None for r in results):
+        headers["x-hopgate-ood"] = "unscored"
+        return headers
+    headers["x-hopgate-ood"] = "true" if any(r.ood for r in results) else "false"
+    headers["x-hopgate-score"] = ",".join(repr(r.score) for r in results)
+    headers["x-hopgate-p-value"] = ",".join(repr(r.p_value) for r in results)
+    return headers
+
+
 class UpstreamFailed(Exception):
     """No usable answer from the upstream: ``kind`` (the errors counter's label), the status
     hopgate answers in its place (502, or 504 when slow), and why."""
@@ -93,7 +111,8 @@ class Gate:
         self.url, self.policy, self.ood_status = url, policy, ood_status
         self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
         self.ood_extra: dict[str, Any] = json.loads(ood_body) if ood_body else {}
-        self.client = httpx.AsyncClient(timeout=timeout_s)
+        self.client = httpx.AsyncClient(timeout=timeout_s)  # /score's forwards
+        self.upstream = Client(url)  # the sidecar's (proxy.py, passthrough.py): thin, pooled
         self.calls = Counter("hopgate_upstream_calls", "Calls to the upstream by outcome",
                              ["outcome"], registry=registry)
         self.errors = Counter("hopgate_upstream_errors", "Upstream failures by kind", ["kind"],
@@ -105,6 +124,9 @@ class Gate:
         self.proxied = Counter("hopgate_proxied_requests", "Requests on the classifier's own "
                                "routes (proxy.py) by gate mode and verdict (id, ood, unscored)",
                                ["mode", "verdict"], registry=registry)
+        self.passed = Counter("hopgate_passthrough_requests", "Sidecar: requests on the "
+                              "classifier's other routes, passed through unscored, by status "
+                              "class", ["code"], registry=registry)
 
     async def _send(self, method: str, url: str, blob: bytes, headers: dict[str, str],
                     raw: bool) -> tuple[httpx.Response, bytes]:
@@ -168,6 +190,13 @@ class Gate:
 
     async def __call__(self, request: Request, response: ScoreResponse,
                        blobs: Sequence[bytes | Exception]) -> JSONResponse:
+        answer = await self._answer(request, response, blobs)
+        scored = [r for r in response.results if r.error is None]
+        answer.headers.update(verdict_headers(scored, response.model.version))
+        return answer
+
+    async def _answer(self, request: Request, response: ScoreResponse,
+                      blobs: Sequence[bytes | Exception]) -> JSONResponse:
         headers, raw_type = forwarded_headers(request), forwarded_type(request)
         results = response.results
         jobs = {}
@@ -200,3 +229,4 @@ class Gate:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.upstream.aclose()

@@ -15,9 +15,14 @@ hopgate finds the images in its body, scores them, and then:
   * any image OOD (``enforce`` mode): the upstream never sees the request; the answer is the
     configured refusal, as /score's (``HOPGATE_GATE_OOD_STATUS`` with the verdicts and
     ``HOPGATE_GATE_OOD_BODY`` merged in), with the verdict headers;
-  * ``shadow`` mode (``HOPGATE_GATE_MODE=shadow``): everything is forwarded, OOD too, and only
-    labelled (headers) and counted (``hopgate_proxied_requests_total{mode,verdict}``); a
-    request hopgate could not score (queue full, a broken image) goes on unscored.
+  * ``shadow`` mode (``HOPGATE_GATE_MODE=shadow``): everything is forwarded while it is
+    scored, OOD too, and only labelled (headers) and counted
+    (``hopgate_proxied_requests_total{mode,verdict}``); the classifier's answer is never
+    changed (its 5xx too, whatever the policy); a request hopgate could not score (queue
+    full, a broken image) goes on unscored;
+  * ``speculative`` (``HOPGATE_SPECULATIVE``, enforce mode): forwarded while it is scored;
+    the classifier's answer is released only for an ID verdict, else dropped (the
+    connection closed) and the refusal sent: the classifier does see OOD images.
 
 Where the images are (``find_images``, by magic bytes, never by the declared type, so a
 mislabelled image is still scored): the whole body; each part of a multipart body (form fields
@@ -27,9 +32,15 @@ image or a ``data:`` URL of one, anywhere in the document. A body with no image 
 forwards what it cannot read is a bypass) or forwarded with ``X-Hopgate-OOD: unscored``
 (``pass``). In enforce mode a broken image or a busy scorer gets hopgate's own error answer.
 
-Upstream failures follow gate.py's counters and policy: unreachable, slow or oversized answers
-get 502 / 504 (reason ``upstream``) under either policy (there is no answer to pass on); an
-upstream 5xx is replaced by 502 under ``fail_closed`` and passed on as is under ``fail_open``.
+Upstream failures follow gate.py's counters and policy: unreachable or slow (to the answer's
+head) get 502 / 504 (reason ``upstream``) under either policy (there is no answer to pass
+on); an upstream 5xx is replaced by 502 under ``fail_closed`` and passed on as is under
+``fail_open`` and in shadow mode. Every answer to a scored request carries the verdict
+headers, refusals and hopgate's 502 / 504 included.
+
+The thin path (issue 24): the classifier is called with upstream.py's pooled keep-alive
+client (no headers added, head and body in one write); a small answer with a length comes
+back in one piece, any other is streamed through as it arrives (never held whole).
 """
 
 from __future__ import annotations
@@ -38,24 +49,24 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
-import httpx
 from fastapi import Request
 from fastapi.responses import Response
 
 from ..config import Settings
-from ..errors import ClientError, ImageError, ServingError
+from ..errors import ClientError, ImageError, ServingError, error_response
 from ..imaging import sniff
 from ..lifecycle import require_ready, scorer_of
 from ..parsing import multipart_parts, read_body, request_deadline
-from ..schema import ImageResult, ScoreResponse
-from .gate import Gate, UpstreamFailed
+from ..schema import ScoreResponse
+from ..scoring import Row
+from .gate import Gate, UpstreamFailed, verdict_headers
+from .passthrough import HOP_BY_HOP, passed_back, target
+from .upstream import Answer, UpstreamError, within
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
-                        "upgrade", "host", "content-length"})
-NOT_PASSED_BACK = HOP_BY_HOP | {"date", "server", "x-request-id"}  # uvicorn / the envelope's
+HOP_BY_HOP_RAW = HOP_BY_HOP
 INLINE_BYTES = 64 * 1024  # smaller bodies are searched on the event loop
 
 
@@ -117,36 +128,25 @@ def find_images(body: bytes, content_type: str, max_parts: int) -> list[bytes | 
     return [body] if _is_image(body) else []
 
 
-def verdict_headers(results: list[ImageResult], version: str) -> dict[str, str]:
-    """``X-Hopgate-OOD`` (true when any image is OOD, ``unscored`` without a verdict),
-    ``X-Hopgate-Score`` and ``X-Hopgate-P-Value`` (one value per image, in body order,
-    comma-separated), ``X-Hopgate-Model-Version``."""
-    headers = {"x-hopgate-model-version": version}
-    if not results or any(r.ood is None for r in results):
-        headers["x-hopgate-ood"] = "unscored"
-        return headers
-    headers["x-hopgate-ood"] = "true" if any(r.ood for r in results) else "false"
-    headers["x-hopgate-score"] = ",".join(repr(r.score) for r in results)
-    headers["x-hopgate-p-value"] = ",".join(repr(r.p_value) for r in results)
+def forwarded_request_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The client's headers as sent, but hop-by-hop ones and ``Host``; ``X-Request-ID`` is
+    the id hopgate logs the request under (one id in both services' logs)."""
+    headers = [(k, v) for k, v in request.scope["headers"]
+               if k not in HOP_BY_HOP_RAW and k != b"x-request-id"]
+    headers.append((b"x-request-id", request.state.request_id.encode()))
     return headers
 
 
-def upstream_url(settings: Settings, request: Request) -> str:
-    """The upstream's origin, the request's own path and query."""
-    base = httpx.URL(settings.upstream_url or "")
-    query = request.url.query.encode() or None  # b"" would send "/predict?"
-    return str(base.copy_with(path=request.url.path, query=query))
+class Verdict(NamedTuple):
+    """What the verdict headers need of one image (no ``ImageResult`` on the ID path)."""
+
+    ood: bool
+    score: float
+    p_value: float
 
 
-def forwarded_request_headers(request: Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP}
-    headers.setdefault("accept-encoding", "identity")  # else httpx asks for gzip itself
-    headers["x-request-id"] = request.state.request_id  # one id in both services' logs
-    return headers
-
-
-async def _score(request: Request, body: bytes, settings: Settings) -> list[ImageResult]:
-    """The verdicts of the body's images ([] when it has none); whole-request errors raise."""
+async def _score(request: Request, body: bytes, settings: Settings) -> list[Row | ServingError]:
+    """The raw rows of the body's images ([] when it has none); whole-request errors raise."""
     ctype = request.headers.get("content-type", "")
     max_parts = 4 * settings.max_images + 64
     if len(body) <= INLINE_BYTES:
@@ -159,34 +159,88 @@ async def _score(request: Request, body: bytes, settings: Settings) -> list[Imag
     request.state.images = len(blobs)
     if not blobs:
         return []
-    return await scorer_of(request).score(blobs, request_deadline(request, settings.deadline_ms))
+    return await scorer_of(request).rows(blobs, request_deadline(request, settings.deadline_ms))
+
+
+async def _call(request: Request, gate: Gate, body: bytes) -> Answer:
+    """The classifier's status and headers (its body still to read); ``UpstreamFailed``
+    (counted) when there is none in time."""
+    t0 = time.perf_counter()
+    try:
+        return await within(gate.timeout_s, gate.upstream.request(
+            request.method, target(request.scope), forwarded_request_headers(request), body))
+    except TimeoutError:
+        raise gate.failed(UpstreamFailed("timeout", "upstream timed out", 504)) from None
+    except UpstreamError as e:
+        raise gate.failed(UpstreamFailed("unreachable", f"upstream unreachable: {e}",
+                                         502)) from None
+    finally:
+        gate.latency.observe(time.perf_counter() - t0)
+
+
+async def _drop(call: asyncio.Task[Answer]) -> None:
+    """A speculative call whose answer is not wanted: cancelled, its connection closed."""
+    call.cancel()
+    try:
+        answer = await call
+    except BaseException:  # noqa: BLE001  (cancelled, or it had failed: nothing to close)
+        return
+    answer.close()
+
+
+def _failure(e: UpstreamFailed, verdict: dict[str, str]) -> Response:
+    """hopgate's 502 / 504 for a scored request: the verdict headers included."""
+    answer = error_response(ServingError(e.status, e.message, "upstream"))
+    answer.headers.update(verdict)
+    return answer
 
 
 async def proxy(request: Request) -> Response:
-    """The route handler of every proxied path (app.py registers it)."""
+    """The route handler of every proxied path (app.py registers it). Enforce mode scores,
+    then forwards an ID request (``speculative``: forwards while scoring, and drops the
+    classifier's answer to an OOD request); shadow mode forwards while scoring, always, and
+    passes the classifier's answer on whatever it is."""
     require_ready(request)
     settings: Settings = request.app.state.settings
     gate: Gate = request.app.state.gate
     scorer = scorer_of(request)
     shadow = settings.gate_mode == "shadow"
     body = await read_body(request, settings.max_body_bytes)
+    call = (asyncio.ensure_future(_call(request, gate, body))
+            if shadow or settings.speculative else None)
+    if call is not None:
+        await asyncio.sleep(0)  # the call starts (on a pooled connection: the request is sent)
     try:
-        results = await _score(request, body, settings)
+        rows = await _score(request, body, settings)
     except ServingError:
         if not shadow:
+            if call is not None:
+                await _drop(call)
             raise
-        results = []  # shadow mode never costs the classifier a request
-    failed = [r.error for r in results if r.error is not None]
+        rows = []  # shadow mode never costs the classifier a request
+    failed = [scorer.failed(r).error for r in rows if isinstance(r, ServingError)]
     if failed and not shadow:
+        if call is not None:
+            await _drop(call)
         e = failed[0]
+        assert e is not None
         raise ServingError(e.status, e.message, e.reason)
-    headers = verdict_headers([] if failed else results, scorer.model_info().version)
+    meta = scorer.meta
+    verdicts = [] if failed else [
+        Verdict(bool(r["is_ood"]), float(r["score"]), meta.p_value(float(r["score"])))
+        for r in rows if isinstance(r, dict)]
+    headers = verdict_headers(verdicts, meta.model_version)
     verdict = {"true": "ood", "false": "id"}.get(headers["x-hopgate-ood"], "unscored")
     gate.proxied.labels(settings.gate_mode, verdict).inc()
     if not shadow and verdict == "unscored" and settings.proxy_unscored == "refuse":
+        if call is not None:
+            await _drop(call)
         raise ClientError(415, "no image found in the body (raw image, multipart parts, or "
                                "base64 strings in JSON): refused unscored")
     if not shadow and verdict == "ood":
+        if call is not None:
+            await _drop(call)  # the classifier saw it (speculative), its answer goes nowhere
+        results = [scorer.result(r) for r in rows if isinstance(r, dict)]  # counts them too
         for r in results:
             if r.ood:
                 r.held_back = True
@@ -196,24 +250,24 @@ async def proxy(request: Request) -> Response:
         answer = refusal.render(gate.ood_status, gate.ood_extra)
         answer.headers.update(headers)
         return answer
+    for v in verdicts:  # the OOD rate and drift (scorer.result counts the refused ones)
+        scorer.metrics.verdict(v.ood, v.score)
     try:
-        up, raw = await gate.fetch(request.method, upstream_url(settings, request), body,
-                                  forwarded_request_headers(request), raw=True)
+        up = await (call if call is not None else _call(request, gate, body))
     except UpstreamFailed as e:
-        raise ServingError(e.status, e.message, "upstream") from None
-    if up.status_code >= 500:
-        gate.failed(UpstreamFailed("status", f"upstream answered {up.status_code}", 502))
-        if gate.policy == "fail_closed":
-            raise ServingError(502, f"upstream answered {up.status_code}", "upstream")
         request.state.reason = "upstream"
+        return _failure(e, headers)
+    if up.status >= 500:
+        failure = gate.failed(UpstreamFailed("status", f"upstream answered {up.status}", 502))
+        request.state.reason = "upstream"
+        if gate.policy == "fail_closed" and not shadow:  # shadow never changes the answer
+            up.close()
+            return _failure(failure, headers)
     else:
         gate.calls.labels("ok").inc()
-        if up.status_code >= 400:
+        if up.status >= 400:
             request.state.reason = "bad_input"  # the classifier's own refusal, passed on
-    passed = Response(raw, up.status_code)
-    passed.raw_headers += [
-        (k, v) for k, v in up.headers.raw
-        if k.lower().decode("latin-1") not in NOT_PASSED_BACK
-        and not k.lower().startswith(b"x-hopgate-")]
-    passed.raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-    return passed
+    try:
+        return await passed_back(up, gate, headers)
+    except UpstreamFailed as e:
+        return _failure(e, headers)

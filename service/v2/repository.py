@@ -54,13 +54,17 @@ def inputs_of(m: BundleMeta) -> list[dict[str, Any]]:
             {"name": "images", "datatype": "UINT8", "shape": [-1, m.height, m.width, m.channels]}]
 
 
-def outputs_of(m: BundleMeta) -> list[dict[str, Any]]:
-    k = m.top_k
+def outputs_of(m: BundleMeta, logits: bool = False) -> list[dict[str, Any]]:
+    """The outputs; with ``logits`` (a bundle carrying the classifier's), its softmax
+    ``probabilities`` and ``logits`` too, [-1, classes], sent only when asked for."""
+    k, c = m.top_k, len(m.class_names)
+    one_pass = [{"name": n, "datatype": "FP32", "shape": [-1, c]}
+                for n in ("probabilities", "logits")] if logits else []
     return [{"name": n, "datatype": d, "shape": s} for n, d, s in (
         ("score", "FP32", [-1]), ("is_ood", "BOOL", [-1]), ("pred_class", "INT64", [-1]),
         ("memory_index", "INT64", [-1, k]), ("memory_weight", "FP32", [-1, k]),
         ("energy", "FP32", [-1]), ("msp", "FP32", [-1]), ("energy_score", "FP32", [-1]),
-        ("p_value", "FP32", [-1]), ("class_name", "BYTES", [-1]))]
+        ("p_value", "FP32", [-1]), ("class_name", "BYTES", [-1]))] + one_pass
 
 
 def _triton_type(datatype: str) -> str:

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from hopgate import __version__
-from hopgate.bundle import OUTPUTS
+from hopgate.bundle import LOGITS, OUTPUTS
 
 from ..errors import ClientError, ImageError, ServingError
 from ..lifecycle import is_ready, require_ready, scorer_of
@@ -48,6 +48,7 @@ NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 EXTRA_OUTPUTS = ("p_value", "class_name")
+ONE_PASS = ("probabilities", "logits")  # bundles with the classifier's logits, when asked
 
 
 @router.get("")
@@ -74,7 +75,8 @@ async def model_metadata(request: Request, name: str,
     check_model(request, name, version)
     m = scorer_of(request).meta
     return {"name": m.name, "versions": [m.model_version], "platform": "onnxruntime_onnx",
-            "inputs": inputs_of(m), "outputs": outputs_of(m)}
+            "inputs": inputs_of(m),
+            "outputs": outputs_of(m, scorer_of(request).runtime.has_logits)}
 
 
 @router.get("/models/{name}/ready", responses=ERRORS)
@@ -109,7 +111,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     # JSON and the data checks run off the event loop (a 20 MB body takes a while)
     doc, tensors = await asyncio.to_thread(_parse, body, request.headers.get(HEADER_LEN),
                                            (m.height, m.width, m.channels), settings.max_images,
-                                           [*OUTPUTS, *EXTRA_OUTPUTS])
+                                           [*OUTPUTS, *EXTRA_OUTPUTS, *(
+                                               ONE_PASS if scorer.runtime.has_logits else ())])
     del body
     params = doc.parameters
     log_lambda = resolve(m, scorer.overridable, params and params.target_tpr,
@@ -140,6 +143,12 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     columns["class_name"] = np.asarray(
         [names[c] if 0 <= c < len(names) else str(c) for c in columns["pred_class"].tolist()],
         dtype=np.object_)
+    asked = {o.name for o in doc.outputs or ()}
+    if asked & set(ONE_PASS):  # the classifier's own answer (the one-pass shape)
+        z = np.stack([r[LOGITS] for r in rows]).astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        columns["probabilities"] = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        columns["logits"] = z.astype(np.float32)
     return _encode(doc, columns, m.name, m.model_version)
 
 

@@ -100,10 +100,11 @@ def _scraped_names() -> frozenset[str]:
 
     async def scrape() -> str:
         app = create_app(Settings(upstream_url="http://127.0.0.1:9/predict", buckets=[1],
-                                  proxy_routes=["/predict"], log_requests=False))
+                                  proxy_routes=["/predict"], admin_port=9901,
+                                  log_requests=False))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://h") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://h:9901") as c:
                 return (await c.get("/metrics")).text
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],

@@ -86,9 +86,40 @@ def test_sidecar_puts_hopgate_beside_the_classifier_and_the_service_goes_through
     hop_ports = {p["name"] for p in containers["hopgate"]["ports"]}
     classifier_ports = {p["name"] for p in containers["classifier"]["ports"]}
     ports = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}
-    # the classifier's own port number on the Service goes to the gate, as does port 80
-    assert set(ports) == {80, 9000}
+    # the classifier's own port number on the Service goes to the gate, as does port 80;
+    # hopgate's own endpoints have the admin port (sidecar/passthrough.py)
+    assert ports == {80: "http", 9000: "http", 9901: "admin"}
     assert all(t in hop_ports and t not in classifier_ports for t in ports.values())
+    assert {p["name"]: p["containerPort"] for p in containers["hopgate"]["ports"]} == {
+        "http": 8000, "admin": 9901}
+    assert env["HOPGATE_ADMIN_PORT"] == "9901"
+
+
+def test_sidecar_probes_and_metrics_use_the_admin_port():
+    """Mutation caught: a probe or the ServiceMonitor left on the data port, where the
+    classifier's own /readyz or /metrics (or its 404) would answer instead of hopgate's."""
+    docs = render(yaml.safe_load((CHART / "ci" / "sidecar.yaml").read_text()))
+    (dep,) = by_kind(docs, "Deployment")
+    (hop,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "hopgate"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert hop[probe]["httpGet"]["port"] == "admin"
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "admin"
+    (svc,) = by_kind(docs, "Service")
+    assert "admin" in {p["name"] for p in svc["spec"]["ports"]}
+    docs = render({"serviceMonitor": {"enabled": True}})  # standalone: one port, as before
+    (dep,) = by_kind(docs, "Deployment")
+    (hop,) = dep["spec"]["template"]["spec"]["containers"]
+    assert [p["name"] for p in hop["ports"]] == ["http"]
+    assert hop["readinessProbe"]["httpGet"]["port"] == "http"
+    assert by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"] == "http"
+
+
+def test_sidecar_ports_must_differ():
+    values = yaml.safe_load((CHART / "ci" / "sidecar.yaml").read_text())
+    values["adminPort"] = 9000  # the classifier's
+    with pytest.raises(helm.HelmError, match="three different ports"):
+        render(values)
 
 
 def test_sidecar_env_is_what_the_service_reads(monkeypatch):
@@ -102,6 +133,7 @@ def test_sidecar_env_is_what_the_service_reads(monkeypatch):
         monkeypatch.setenv(e["name"], e["value"])
     s = Settings()
     assert s.proxy_routes == ["/predict", "/v1/classify"] and s.proxy_methods == ["POST"]
+    assert s.admin_port == 9901 and s.port == 8000
     assert s.gate_mode == "shadow" and s.gate_ood_status == 422 and s.drift_window == 1000
 
 
@@ -170,6 +202,7 @@ def test_dashboard_configmap_holds_the_panels():
     ({"gpu": {"enabled": "yes"}}, "enabled"),
     ({"mode": "daemon"}, "mode"),
     ({"port": 99999}, "port"),
+    ({"adminPort": 0}, "adminPort"),
     ({"settings": {"queueImages": 1.5}}, "queueImages"),
     ({"gate": {"mode": "audit"}}, "mode"),
     ({"classifier": {"routes": ["predict"]}}, "routes"),

@@ -31,9 +31,13 @@ class Server:
 
     def __init__(self, local):
         self.proc, self.port, self.url, self.log = local.proc, local.port, local.url, local.log
+        self.admin_url = local.admin_url  # hopgate's own endpoints (sidecar mode: admin port)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+    def admin(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.admin_url, timeout=30, **kw)
 
 
 @contextmanager

@@ -211,8 +211,9 @@ async def test_api_key(anyio_backend):
         assert (await post_image(c, PNGS[0], authorization="Bearer s3cret")).status_code == 200
         r = await c.get("/v2/models/default")
         assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key"}
-        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready"):
+        for path in ("/healthz", "/livez", "/readyz", "/metrics", "/v2/health/ready"):
             assert (await c.get(path)).status_code == 200, path
+        assert (await c.get("/livez")).json() == {"status": "ok"}
         assert (await c.get("/openapi.json")).status_code == 401  # only the probes are open
 
 

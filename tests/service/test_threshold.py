@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -76,10 +78,35 @@ def test_a_bundle_without_the_input_refuses_an_override():
         resolve(META, False, target_tpr=0.9)
 
 
-def test_the_default_bundle_has_an_overridable_threshold():
-    """The graph's log_lambda is an overridable initializer: onnxruntime does not list it
-    among the inputs (runtime.check_graph must find it anyway)."""
+def test_the_default_bundle_has_an_overridable_threshold(fashion):
+    """The graph's log_lambda is an optional input defaulting to the calibrated threshold
+    (model_export/export.py, _make_threshold_overridable): left out, the metadata's threshold
+    decides; fed, the fed one does (mutations caught: the If's branches swapped, the default
+    not the metadata's threshold)."""
+    import onnxruntime as ort
+
     assert Runtime(BUNDLE, ["CPUExecutionProvider"], 1).has_log_lambda
+    session = ort.InferenceSession(str(BUNDLE), providers=["CPUExecutionProvider"])
+    images = fashion.images  # 2,000 ID images: some score within 1.0 above the threshold
+    plain = dict(zip(("score", "is_ood"), session.run(["score", "is_ood"], {"images": images})))
+    np.testing.assert_array_equal(plain["is_ood"], plain["score"] < np.float32(META.threshold))
+    near = (plain["score"] >= META.threshold) & (plain["score"] < META.threshold + 1.0)
+    assert near.any()  # so a default off by 1.0 would flip a verdict above
+    tau = float(np.median(plain["score"]))  # half the images on each side
+    fed = session.run(["is_ood"], {"images": images,
+                                   "log_lambda": np.asarray(tau, np.float32)})[0]
+    np.testing.assert_array_equal(fed, plain["score"] < np.float32(tau))
+    assert 0 < fed.sum() < len(fed)
+
+
+def test_plain_onnxruntime_loads_the_bundle_without_a_warning():
+    """No "Initializer log_lambda appears in graph inputs" from onnxruntime at its default log
+    level (issue 22): printed by its C++ logger on stderr, so read from a fresh process."""
+    code = ("import onnxruntime as ort, sys; "
+            "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])")
+    run = subprocess.run([sys.executable, "-c", code, str(BUNDLE)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "" and run.stdout == "", run.stderr
 
 
 async def test_a_lower_threshold_lets_more_id_images_through(app_client, id_pngs):

@@ -1,0 +1,380 @@
+"""What the sidecar adds to a classifier's latency, and the two deployment shapes side by side
+(issues 23 and 24).
+
+Part 1, the sidecar's added latency: a stub classifier (a bare asyncio HTTP server on
+loopback, answering ``POST /predict`` with a small JSON after ``--delay-ms``) is called
+``--requests`` times in a row with one ID Fashion-MNIST PNG, directly and through
+``hopgate-serve`` in sidecar mode (``HOPGATE_PROXY_ROUTES=["/predict"]``). Added latency =
+p50 through the gate - p50 direct, the two called alternately, one request each in turn
+(so the load of a shared machine hits both alike). Runs: the stub answering at once,
+enforce mode; the stub taking 5 ms, enforce mode and speculative mode
+(``HOPGATE_SPECULATIVE``).
+
+Part 2, the two shapes: the classifier runs the bundle's own network (``--model``; the
+stub then decodes the image as the bundle states and runs the bundle's graph with
+onnxruntime, its ``logits`` output, one image per call, no busy-waiting threads): a stand-in
+for the user's classifier that costs it plus the small gate head:
+  * sidecar: client -> hopgate (gate) -> classifier: two forward passes;
+  * one pass: client -> hopgate ``/score?top_k=3``: the classifier's probabilities from the
+    bundle (bundles with a ``logits`` output).
+All three servers (the classifier alone, the reference; the sidecar; hopgate standalone)
+run at once: p50/p99 and req/s of ``--requests`` sequential requests sent to each in turn,
+then req/s with ``--concurrency`` clients in threads (``--requests`` / 4 each), each shape
+twice in turn, the better kept.
+
+Every loop is bounded (``--requests``). One client per thread, keep-alive (http.client).
+The machine is named in the results: benchmarks/sidecar_results.json and benchmarks/sidecar.md
+(``--out`` for another stem).
+
+    python benchmarks/sidecar.py [--requests 200] [--rounds 3] [--concurrency 8] [--model BUNDLE]
+                                 [--label NAME] [--image ID_IMAGE] [--parts 1,2]
+                                 [--out benchmarks/sidecar]
+    python benchmarks/sidecar.py stub PORT DELAY_MS [MODEL]    (the classifier, internal)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # hopgate importable when run from a checkout
+
+
+# --- the stub classifier (its own process) ------------------------------------------------
+
+def run_stub(port: int, delay_ms: float, model: str | None) -> None:
+    """HTTP/1.1 keep-alive on asyncio: ``POST /predict`` answers after ``delay_ms``; with a
+    model, the body is decoded and classified (one image per call), as a user's server."""
+    classify = None
+    if model:
+        import numpy as np
+        import onnxruntime as ort
+
+        from hopgate.bundle import INPUT_IMAGES, LOGITS, load_meta
+        from hopgate.service.imaging import decode
+
+        meta = load_meta(model)
+        opts = ort.SessionOptions()  # onnxruntime's defaults, but no busy-waiting threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (as hopgate)
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+        def classify(body: bytes) -> bytes:
+            x = decode(body, meta.height, meta.width, meta.channels, meta.pixels)
+            (z,) = sess.run([LOGITS], {INPUT_IMAGES: x[None]})
+            return json.dumps({"class": int(np.argmax(z[0]))}).encode()
+
+    answer = b'{"label": "sneaker", "score": 0.93}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v)
+                body = await reader.readexactly(length)
+                if delay_ms:
+                    await asyncio.sleep(delay_ms / 1000)
+                out = classify(body) if classify and body else answer
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%b" % (len(out), out))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        import uvloop
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+# --- the measuring side -------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def stub(delay_ms: float, model: str | None = None):
+    port = free_port()
+    cmd = [sys.executable, __file__, "stub", str(port), str(delay_ms), *([model] if model else [])]
+    proc = subprocess.Popen(cmd)
+    try:
+        for _ in range(200):
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def id_png(model: str) -> bytes:
+    """One ID image (a Fashion-MNIST test image), PNG, at the bundle's size."""
+    import numpy as np
+    from PIL import Image
+
+    from hopgate.bundle import load_meta
+    from hopgate.model_export.data import sources as data
+
+    meta = load_meta(model)
+    images = data.fashion_mnist("test").images[:1]
+    a = data.resize_all(images, (meta.height, meta.width), meta.channels)[0] \
+        if (meta.height, meta.width, meta.channels) != images.shape[1:] else images[0]
+    buf = io.BytesIO()
+    Image.fromarray(np.squeeze(a)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sequential(url: str, path: str, body: bytes, n: int, warm: int = 20) -> list[float]:
+    """Seconds per request of ``n`` requests in a row on one keep-alive connection."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"content-type": "image/png"}
+    times = []
+    for i in range(warm + n):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body, headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"{url}{path}: {r.status}")
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    return times
+
+
+def paired(a: str, b: str, path: str, body: bytes, n: int, warm: int = 20
+           ) -> tuple[list[float], list[float]]:
+    """``n`` requests to each of ``a`` and ``b``, alternating one by one (each on its own
+    keep-alive connection), so that whatever else the machine does hits both alike."""
+    conns = [http.client.HTTPConnection(*u.removeprefix("http://").split(":"), timeout=30)
+             for u in (a, b)]
+    headers = {"content-type": "image/png"}
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warm + n):
+        for conn, out in zip(conns, times):
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            r = conn.getresponse()
+            r.read()
+            if r.status >= 300:
+                raise RuntimeError(f"{conn.host}:{conn.port}{path}: {r.status}")
+            if i >= warm:
+                out.append(time.perf_counter() - t0)
+    for conn in conns:
+        conn.close()
+    return times
+
+
+def concurrent(url: str, path: str, body: bytes, n: int, clients: int) -> float:
+    """req/s with ``clients`` threads, each sending ``n`` requests in a row."""
+    sequential(url, path, body, 5, 0)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=sequential, args=(url, path, body, n, 0))
+               for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return clients * n / (time.perf_counter() - start)
+
+
+def pct(times: list[float], q: float) -> float:
+    s = sorted(times)
+    return 1e3 * s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary(times: list[float]) -> dict:
+    return {"p50_ms": round(pct(times, 0.5), 3), "p90_ms": round(pct(times, 0.9), 3),
+            "p99_ms": round(pct(times, 0.99), 3),
+            "req_s": round(len(times) / sum(times), 1),
+            "mean_ms": round(1e3 * statistics.fmean(times), 3)}
+
+
+@contextmanager
+def gate(tmp: Path, model: str, **settings):
+    from hopgate.service.local import local_server
+
+    with local_server(tmp, model, log_requests="false", **settings) as s:  # else defaults
+        yield s
+
+
+def added_latency(model: str, body: bytes, n: int, tmp: Path, rounds: int) -> list[dict]:
+    """Per run, ``rounds`` rounds of ``n`` paired requests; the round with the median added
+    p50 is reported, with every round's added p50 beside it."""
+    rows = []
+    for label, delay, extra in (("stub at once, enforce", 0.0, {}),
+                                ("stub 5 ms, enforce", 5.0, {}),
+                                ("stub 5 ms, speculative", 5.0, {"speculative": "true"})):
+        with stub(delay) as up, gate(tmp, model, upstream_url=up + "/predict",
+                                     proxy_routes='["/predict"]', **extra) as g:
+            measured = []
+            for _ in range(rounds):
+                direct, through = paired(up, g.url, "/predict", body, n)
+                d, t = summary(direct), summary(through)
+                measured.append((round(t["p50_ms"] - d["p50_ms"], 3), d, t))
+        measured.sort(key=lambda m: m[0])
+        added, d, t = measured[len(measured) // 2]
+        rows.append({"run": label, "direct": d, "through_gate": t, "added_p50_ms": added,
+                     "added_p50_ms_rounds": [m[0] for m in measured]})
+        print(f"{label}: direct p50 {d['p50_ms']} ms, through the gate {t['p50_ms']} ms, "
+              f"added {rows[-1]['added_p50_ms']} ms", flush=True)
+    return rows
+
+
+def rotation(targets: list[tuple[str, str]], body: bytes, n: int, warm: int = 20
+             ) -> list[list[float]]:
+    """``n`` requests to each (url, path), one to each in turn (each its own keep-alive
+    connection), so that whatever else the machine does hits them alike."""
+    conns = [(http.client.HTTPConnection(*u.removeprefix("http://").split(":"), timeout=60), p)
+             for u, p in targets]
+    headers = {"content-type": "image/png"}
+    times: list[list[float]] = [[] for _ in targets]
+    for i in range(warm + n):
+        for (conn, path), out in zip(conns, times):
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            r = conn.getresponse()
+            r.read()
+            if r.status >= 300:
+                raise RuntimeError(f"{conn.host}:{conn.port}{path}: {r.status}")
+            if i >= warm:
+                out.append(time.perf_counter() - t0)
+    for conn, _ in conns:
+        conn.close()
+    return times
+
+
+def shapes(model: str, body: bytes, n: int, clients: int, tmp: Path) -> list[dict]:
+    """The classifier alone, the sidecar and one pass, all three up at once: latency from
+    requests sent to each in turn; throughput with ``clients`` threads, each shape twice in
+    turn (the better of its two kept: interference only ever lowers it)."""
+    names = ("classifier alone (reference)", "sidecar (gate, then the classifier: two passes)",
+             "one pass (hopgate /score?top_k=3)")
+    with stub(0.0, model) as up, \
+            gate(tmp, model, upstream_url=up + "/predict", proxy_routes='["/predict"]') as side, \
+            gate(tmp, model) as one:
+        targets = [(up, "/predict"), (side.url, "/predict"), (one.url, "/score?top_k=3")]
+        rows = [{"shape": name, **summary(t)}
+                for name, t in zip(names, rotation(targets, body, n))]
+        best = [0.0] * len(targets)
+        for _ in range(2):
+            for k, (url, path) in enumerate(targets):
+                best[k] = max(best[k], concurrent(url, path, body, max(n // 4, 10), clients))
+    for r, rate in zip(rows, best):
+        r["req_s_concurrent"] = round(rate, 1)
+        r["added_p50_ms"] = round(r["p50_ms"] - rows[0]["p50_ms"], 3)
+        print(r, flush=True)
+    return rows
+
+
+def machine() -> str:
+    from hopgate.machine import cpu_name
+
+    load = os.getloadavg()[0]
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"no GPU; load average {load:.2f} at the start")
+
+
+def render(doc: dict) -> str:
+    out = ["# Sidecar latency and the two deployment shapes", "",
+           "Written by `benchmarks/sidecar.py` (its docstring says what is measured); each "
+           "section names its run: command, machine, time.", ""]
+    for bundle, part in doc["runs"].items():
+        out += [f"### {bundle}", "", f"`python benchmarks/sidecar.py {part.get('args', '')}` "
+                f"on {part.get('machine', doc['machine'])}, {part.get('when', doc['when'])}.",
+                ""]
+        if part.get("added"):
+            out += [f"## Added latency through the gate ({bundle})", "",
+                    "| run | direct p50 | through the gate p50 | p99 | added p50 (median "
+                    "round) | added p50, every round |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['run']} | {r['direct']['p50_ms']} ms | {r['through_gate']['p50_ms']} "
+                    f"ms | {r['through_gate']['p99_ms']} ms | **{r['added_p50_ms']} ms** | "
+                    f"{', '.join(str(x) for x in r.get('added_p50_ms_rounds', []))} |"
+                    for r in part["added"]]
+            out.append("")
+        if part.get("shapes"):
+            out += [f"## Two shapes ({bundle})", "",
+                    "| shape | p50 | p99 | req/s, 1 client | req/s, "
+                    f"{part.get('concurrency', doc['concurrency'])} clients | added p50 over "
+                    "the classifier |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['shape']} | {r['p50_ms']} ms | {r['p99_ms']} ms | {r['req_s']} | "
+                    f"{r['req_s_concurrent']} | {r['added_p50_ms']} ms |" for r in part["shapes"]]
+            out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stub"]:
+        run_stub(int(argv[1]), float(argv[2]), argv[3] if len(argv) > 3 else None)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="part 1: rounds per run (median)")
+    ap.add_argument("--model", default=str(ROOT / "models" / "default.onnx"))
+    ap.add_argument("--label", default="default bundle")
+    ap.add_argument("--image", help="an ID image for the bundle (default: a Fashion-MNIST "
+                                    "test image, ID for the default bundle)")
+    ap.add_argument("--parts", default="1,2", help="1: added latency, 2: the two shapes")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "sidecar"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    doc = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "args": " ".join(Path(a).name if os.path.isabs(a) else a for a in argv),
+           "requests": args.requests, "concurrency": args.concurrency,
+           "runs": {}}
+    if out.with_suffix(".json").exists():  # runs of other bundles are kept
+        old = json.loads(out.with_suffix(".json").read_text())
+        doc["runs"] = {k: v for k, v in old.get("runs", {}).items() if k != args.label}
+    body = Path(args.image).read_bytes() if args.image else id_png(args.model)
+    part: dict = {"args": doc["args"], "machine": doc["machine"], "when": doc["when"],
+                  "concurrency": args.concurrency}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "1" in args.parts:
+            part["added"] = added_latency(args.model, body, args.requests, Path(tmp),
+                                          args.rounds)
+        if "2" in args.parts:
+            part["shapes"] = shapes(args.model, body, args.requests, args.concurrency, Path(tmp))
+    doc["runs"][args.label] = part
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(doc) + "\n")
+    print(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``POST /score`` straight to its handler: the hot route without the framework's per-request
+machinery (issue 24).
+
+Every request otherwise crosses Starlette's exception middleware, FastAPI's exit-stack
+middleware, the router's match over every route, and FastAPI's endpoint wrapper (dependency
+solving, telemetry, the response check): ~5 % of the server's CPU per /score request at c=32
+(py-spy, benchmarks/versus_24.md). ``Direct`` sits innermost among the middlewares (inside the
+envelope, Pin and Admission, so ids, pinning, the byte budget, metrics and the access log are
+unchanged) and hands ``POST /score`` to ``routes.score.score`` itself. The route stays
+registered: /openapi.json documents it, and other methods on /score get the router's 405.
+
+Errors are answered as the framework would: a ``ServingError`` or ``HTTPException`` by the
+app's own handlers (errors.install_handlers), anything else propagates to the envelope (500,
+logged with its request id), exactly as from a routed request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+from ..errors import ServingError
+from . import score as routes_score
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Direct:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["path"] != "/score"
+                or scope["method"] != "POST"):
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive, send)
+        try:
+            response = await routes_score.score(request)
+        except (ServingError, HTTPException) as e:
+            handlers = scope["app"].exception_handlers
+            handler = next(handlers[c] for c in type(e).__mro__ if c in handlers)
+            response = await handler(request, e)
+        await response(scope, receive, send)
