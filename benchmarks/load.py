@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hopgate.machine import cpu_name  # noqa: E402
-from hopgate.service.local import local_server  # noqa: E402
-from hopgate.service.runtime import Runtime  # noqa: E402
+from hopgate.service.runtime.session import Runtime  # noqa: E402
+from hopgate.service.server.local import local_server  # noqa: E402
 
 DEFAULT = ROOT / "models" / "default.onnx"
 MAX_REQUESTS = 20_000  # hard cap per measurement, besides the time bound

@@ -223,7 +223,7 @@ def summary(times: list[float]) -> dict:
 
 @contextmanager
 def gate(tmp: Path, model: str, **settings):
-    from hopgate.service.local import local_server
+    from hopgate.service.server.local import local_server
 
     with local_server(tmp, model, log_requests="false", **settings) as s:  # else defaults
         yield s

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests" / "service"))
 from heavy import padded_png, png16, reset_peak, rss_mb  # noqa: E402
 
 from hopgate.machine import cpu_name  # noqa: E402
-from hopgate.service.local import local_server  # noqa: E402
+from hopgate.service.server.local import local_server  # noqa: E402
 
 PNG = {"content-type": "image/png"}
 

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hopgate.machine import cpu_name  # noqa: E402
-from hopgate.service.local import free_port  # noqa: E402
+from hopgate.service.server.local import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stages  # noqa: E402
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     plans: list[tuple[str, list[str], dict[str, str], Path, str]] = []
     for name in a.servers:
         if name == "hopgate":
-            plans.append(("hopgate", [py, "-m", "hopgate.service.cli"], hop_env, raw,
+            plans.append(("hopgate", [py, "-m", "hopgate.service.server.cli"], hop_env, raw,
                           "image/jpeg"))
         elif name == "naive":
             plans.append(("naive", [py, "benchmarks/peers/naive.py", "{port}", str(a.model)],
@@ -288,11 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     for v in a.variant:
         name, _, kvs = v.partition(":")
         env = {**hop_env, **dict(kv.split("=", 1) for kv in kvs.split(",") if kv)}
-        plans.append((name, [py, "-m", "hopgate.service.cli"], env, raw, "image/jpeg"))
+        plans.append((name, [py, "-m", "hopgate.service.server.cli"], env, raw, "image/jpeg"))
     if a.before:
         pkg = before_tree(a.before, tmp / "before")
         code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-                "from hopgate.service.cli import main; sys.exit(main())")
+                "from hopgate.service.server.cli import main; sys.exit(main())")
         plans.append((f"hopgate@{a.before}", [py, "-c", code, str(pkg)], hop_env, raw,
                       "image/jpeg"))
 

@@ -25,7 +25,7 @@ RUN python3 -m venv /opt/venv \
     && python -m pip install --no-cache-dir -c constraints.txt -c constraints-cpu.txt ".[serve,cpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
-# run from an empty directory: `python -m` (each worker process, service/workers.py) puts the
+# run from an empty directory: `python -m` (each worker process, service/server/workers.py) puts the
 # working directory first on sys.path, where the source folder hopgate/ would shadow the
 # installed package (it has no hopgate.service: that maps from service/)
 WORKDIR /opt/hopgate/run

@@ -11,7 +11,7 @@ FROM ${BASE}
 
 # NVIDIA_*: what the container toolkit reads to mount the driver into a non-CUDA base image.
 # LD_LIBRARY_PATH: the wheels' libraries, for cuDNN's own dlopen of its sub-libraries (the
-# runtime also preloads them: service/cuda.py). ORT_DISABLE_TELEMETRY: onnxruntime-gpu's
+# runtime also preloads them: service/runtime/cuda.py). ORT_DISABLE_TELEMETRY: onnxruntime-gpu's
 # telemetry otherwise warns at start that it cannot persist a device id (no home directory).
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH \
@@ -38,7 +38,7 @@ RUN python3 -m venv /opt/venv \
     && python -m pip install --no-cache-dir -c constraints.txt -c constraints-gpu.txt ".[serve,gpu]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin hopgate
 
-# run from an empty directory: `python -m` (each worker process, service/workers.py) puts the
+# run from an empty directory: `python -m` (each worker process, service/server/workers.py) puts the
 # working directory first on sys.path, where the source folder hopgate/ would shadow the
 # installed package (it has no hopgate.service: that maps from service/)
 WORKDIR /opt/hopgate/run

@@ -7,7 +7,7 @@ answers are counted and logged like any other) in front of the scoring routes (`
   * draining (after SIGTERM): a new request is answered 503 ``shutdown`` at once (the
     envelope adds ``Connection: close``); a request admitted before the signal is marked
     ``request.state.admitted`` and runs to its normal answer (lifecycle.require_ready lets it
-    through), and ``Admission.idle`` is what the drain in cli.py waits on;
+    through), and ``Admission.idle`` is what the drain in server/cli.py waits on;
   * bytes in flight: one budget across all requests (``max_inflight_bytes``). A request's
     ``Content-Length`` is reserved when it arrives (a chunked body is charged chunk by chunk)
     and released when its answer has been sent. A request that does not fit is answered at

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import Metrics
-from .runtime import Runtime
+from .runtime.session import Runtime
 
 
 class QueueFull(Exception):

@@ -32,12 +32,12 @@ class Settings(BaseSettings):
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     intra_op_threads: int = Field(0, ge=0)  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = Field(1, ge=0)
-    ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime.py)
+    ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime/session.py)
     # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
     pad: Literal["auto", "bucket", "none"] = "auto"
-    # IOBinding: buffers bound once per bucket (binding.py); off: plain session.run
+    # IOBinding: buffers bound once per bucket (runtime/binding.py); off: plain session.run
     io_binding: bool = True
-    # CUDA provider (cuda.py): a CUDA graph per bucket, cuDNN's conv search, TF32
+    # CUDA provider (runtime/cuda.py): a CUDA graph per bucket, cuDNN's conv search, TF32
     cuda_graphs: bool = True
     cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
     cuda_tf32: bool = False
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     keepalive_timeout_s: int = Field(5, ge=1)  # an idle keep-alive connection is closed
     header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers
-    # HTTP/1.1 parser: auto (httptools when installed), httptools, h11 (transport.py)
+    # HTTP/1.1 parser: auto (httptools when installed), httptools, h11 (server/transport.py)
     http_parser: Literal["auto", "httptools", "h11"] = "auto"
     # uvicorn's loop: auto (uvloop when installed), asyncio, uvloop
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"

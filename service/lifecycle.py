@@ -6,7 +6,7 @@ Shutdown: not ready, drain the batcher (at most ``drain_seconds``), close. A hot
 (reload.py: SIGHUP, the bundle file changing, the V2 load call) swaps ``scorer`` and
 ``batcher`` for new ones; ``Pin`` keeps each request on the scorer it arrived under.
 
-What lives on ``app.state`` (cli.py's drain reads ``draining``, ``admission``, ``batcher``,
+What lives on ``app.state`` (server/cli.py's drain reads ``draining``, ``admission``, ``batcher``,
 ``last_request``): ``settings``, ``ready``, ``draining``, ``admission`` (admission.py),
 ``metrics``, ``batcher``, ``scorer``, ``gate`` (None unless ``upstream_url`` is set),
 ``reloader`` (reload.py), ``last_request``.
@@ -125,7 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                               settings.upstream_max_body_bytes)
     app.state.ready, app.state.draining = True, False
     logging.getLogger("hopgate").info("ready: %s on %s", m.model_version, runtime.provider)
-    del runtime, scorer  # a reload retires them: no reference may outlive it (memory.py)
+    del runtime, scorer  # a reload retires them: no reference may outlive it (server/memory.py)
     yield
     app.state.ready = False
     if watcher is not None:

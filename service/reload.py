@@ -38,10 +38,10 @@ from hopgate.bundle import BundleError
 
 from .batcher import Batcher
 from .config import Settings
-from .memory import trim
 from .metrics import Metrics
-from .runtime import Runtime
+from .runtime.session import Runtime
 from .scoring import Scorer
+from .server.memory import trim
 
 log = logging.getLogger("hopgate.reload")
 
@@ -91,7 +91,7 @@ async def retire(scorer: Scorer, timeout: float) -> None:
     scorer.close()
     log.info("retired %s (%d requests still pinned)", scorer.meta.model_version, scorer.users)
     del scorer  # the last reference to the old core: its session and buffers are freed now
-    await asyncio.to_thread(trim)  # ... and glibc hands their pages back (memory.py)
+    await asyncio.to_thread(trim)  # ... and glibc hands their pages back (server/memory.py)
 
 
 def _shared(task: asyncio.Task[Scorer]) -> asyncio.Task[Scorer]:

@@ -34,7 +34,7 @@ from .config import Settings
 from .decoding import INLINE_IMAGES, DecodePool, decode_cost
 from .errors import ImageError, ServingError, Unavailable, deadline_exceeded, internal_error
 from .metrics import Metrics
-from .runtime import Runtime
+from .runtime.session import Runtime
 from .schema import ClassProbability, ErrorInfo, ImageResult, ModelInfo, Timings, named_memory
 
 Row = dict[str, Any]  # the bundle's outputs for one image, plus queue_s, compute_s, batch

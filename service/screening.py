@@ -3,8 +3,8 @@
 ``--bundle`` runs the service's own app inside the screening process: its lifespan loads and
 warms the bundle, and ``hopgate.client.AsyncClient`` calls ``POST /score`` through httpx's
 ASGI transport (no socket, no server). So an in-process screen decodes, batches and scores
-exactly as the service does (imaging.py, batcher.py, runtime.py, scoring.py), and its results
-are the service's results. The rest of the tool (inputs, resume, outputs, summary) is
+exactly as the service does (imaging.py, batcher.py, runtime/session.py, scoring.py), and its
+results are the service's results. The rest of the tool (inputs, resume, outputs, summary) is
 ``hopgate.screen``; it lives in the shared package, which must not import the service, so the
 entry point is here and hands it this mode.
 """
@@ -23,7 +23,7 @@ from hopgate.client import AsyncClient
 
 from .app import create_app
 from .config import Settings
-from .runtime import check_bundle
+from .runtime.session import check_bundle
 
 
 def settings_for(bundle: Path, batch_size: int) -> Settings:

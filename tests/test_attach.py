@@ -283,7 +283,7 @@ def serve_and_check(bundle: Path, cfg: AttachConfig, user_onnx: Path, id_blobs, 
 
     from hopgate.model_export.evaluation.metrics import ood_metrics
     from hopgate.model_export.export import ort_session, run_ort
-    from hopgate.service.local import local_server
+    from hopgate.service.server.local import local_server
 
     blobs = id_blobs + ood_blobs
     answers = []

@@ -184,7 +184,7 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     ({"HOPGATE_BUCKETS": "1,2,4"}, ("HOPGATE_BUCKETS", "JSON", "HOPGATE_BUCKETS='[1,2,4]'")),
 ])
 def test_service_settings_errors_are_one_line(monkeypatch, capsys, env, expected):
-    from hopgate.service.cli import main as serve
+    from hopgate.service.server.cli import main as serve
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from hopgate.client import AsyncClient, Client, Retry, ScoreError
 from hopgate.client.retry import retry_after_seconds
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
 

@@ -128,7 +128,7 @@ def test_dam_bundle_is_served_unchanged(dam_bundle, tmp_path):
     import httpx
 
     from hopgate.model_export.data import sources as data
-    from hopgate.service.local import local_server
+    from hopgate.service.server.local import local_server
 
     cfg = dam_bundle
     meta = load_meta(cfg.output)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_quick_dry_run(tmp_path):
-    from hopgate.service.cuda import gpu_visible
+    from hopgate.service.runtime.cuda import gpu_visible
 
     if gpu_visible()[0]:
         pytest.skip("a GPU is visible: the dry run is for machines without one")

@@ -122,7 +122,7 @@ def test_greg_bundle_is_served_unchanged(greg_bundle, tmp_path):
     import httpx
 
     from hopgate.model_export.export import ort_session, run_ort
-    from hopgate.service.local import local_server
+    from hopgate.service.server.local import local_server
 
     cfg, report = greg_bundle
     losses = report["train"]["train_loss"]

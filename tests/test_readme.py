@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from docblocks import RUN_LANGS, Block, blocks, matches
 
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/build.md", "docs/screen.md", "docs/operate.md")

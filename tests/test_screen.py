@@ -24,8 +24,8 @@ from hopgate.screen import list_inputs
 from hopgate.screen.output import Output
 from hopgate.screen.summary import summarise
 from hopgate.service import screening
-from hopgate.service.local import local_server
 from hopgate.service.scoring import Scorer
+from hopgate.service.server.local import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "default.onnx"

@@ -16,7 +16,7 @@ classifier's Service port and hides nothing, as Envoy and Istio do:
 headers added.
 
 One uvicorn server listens on both sockets (and with ``HOPGATE_WORKERS`` > 1 each worker
-accepts on both: workers.py); ``Ports`` tells them apart by the local port of the connection
+accepts on both: server/workers.py); ``Ports`` tells them apart by the local port of the connection
 (``scope["server"]``). Standalone mode (no proxied routes) keeps one port for everything.
 """
 
@@ -148,7 +148,7 @@ class Ports:
         if gate is None:  # before startup
             e = Unavailable(503, "not ready", "internal", self.settings.retry_after_s)
             return await error_response(e)(scope, receive, send)
-        self.state.last_request = time.monotonic()  # cli.py's drain waits for quiet
+        self.state.last_request = time.monotonic()  # server/cli.py's drain waits for quiet
         status = await passthrough(gate.upstream, self.settings.upstream_timeout_s, scope,
                                    receive, send, bool(self.state.draining))
         gate.passed.labels(str(status)[0] + "xx").inc()

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hopgate.service.local import free_port, local_server
+from hopgate.service.server.local import free_port, local_server
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from inputs import ROOT, encode  # noqa: F401  (re-exported for the test modules
 from hopgate.bundle import INPUT_IMAGES, OUTPUTS
 from hopgate.service.app import create_app
 from hopgate.service.config import Settings
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 BUNDLE = ROOT / "models" / "default.onnx"
 

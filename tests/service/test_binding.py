@@ -1,6 +1,7 @@
-"""IOBinding (service/binding.py) on the CPU provider: the same code the CUDA path runs, minus
-the device copies. Parity with the plain ``session.run`` path on 1,000 Fashion-MNIST images,
-no allocation growth over 10,000 calls, and the no-GPU fallback in one line (service/cuda.py)."""
+"""IOBinding (service/runtime/binding.py) on the CPU provider: the same code the CUDA path runs,
+minus the device copies. Parity with the plain ``session.run`` path on 1,000 Fashion-MNIST
+images, no allocation growth over 10,000 calls, and the no-GPU fallback in one line
+(service/runtime/cuda.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pytest
 from conftest import BUNDLE
 
 from hopgate.bundle import INPUT_IMAGES, INPUT_LOG_LAMBDA, OUTPUTS
-from hopgate.service import cuda
-from hopgate.service.binding import Binding
 from hopgate.service.config import Settings
-from hopgate.service.runtime import Runtime
+from hopgate.service.runtime import cuda
+from hopgate.service.runtime.binding import Binding
+from hopgate.service.runtime.session import Runtime
 
 BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -180,7 +181,7 @@ def test_no_gpu_means_cpu_in_one_line(caplog):
 
 
 def test_cuda_options_are_the_documented_ones(tmp_path):
-    """The CUDA provider's options as service/cuda.py and docs/gpu.md state them (they only
+    """The CUDA provider's options as service/runtime/cuda.py and docs/gpu.md state them (they only
     take effect on a GPU, so this is where a silent change would show)."""
     (trt, t), (cu, c), cpu = cuda.provider_entries(
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -202,7 +203,7 @@ def test_a_refused_graph_capture_turns_graphs_off_in_one_line(monkeypatch, caplo
     """A CUDA graph capture that fails (onnxruntime refuses it for a graph with nodes off the
     GPU) must not stop the server: one warning, then warm again without graphs, still bound.
     Played on the CPU with a binding that fails whenever graphs are asked for."""
-    from hopgate.service import runtime as runtime_module
+    from hopgate.service.runtime import session as runtime_module
 
     real = runtime_module.Binding
 

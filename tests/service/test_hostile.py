@@ -128,7 +128,7 @@ async def test_a_bug_is_a_counted_logged_500_that_leaks_nothing(anyio_backend, c
     assert counts(text)[("500", "internal")] == 2
     rec = [x for x in caplog.records if x.getMessage() == "unhandled error"]
     assert rec and rec[0].exc_info and rec[0].__dict__["request_id"] == "req-42"
-    from hopgate.service.cli import JsonFormatter
+    from hopgate.service.server.cli import JsonFormatter
 
     line = json.loads(JsonFormatter().format(rec[0]))
     assert line["request_id"] == "req-42" and "RuntimeError" in line["exc_info"]
@@ -195,7 +195,7 @@ def test_bundle_disagreeing_with_its_graph_exits_with_one_message(tmp_path):
     import onnx
 
     from hopgate.bundle import BundleError
-    from hopgate.service.runtime import Runtime
+    from hopgate.service.runtime.session import Runtime
 
     model = onnx.load(str(BUNDLE))
     for p in model.metadata_props:
@@ -206,7 +206,7 @@ def test_bundle_disagreeing_with_its_graph_exits_with_one_message(tmp_path):
     with pytest.raises(BundleError, match="metadata says height 32"):
         Runtime(bad, ["CPUExecutionProvider"])
     shutil.copy(BUNDLE, tmp_path / "good.onnx")
-    run = subprocess.run([sys.executable, "-m", "hopgate.service.cli", "--model", str(bad),
+    run = subprocess.run([sys.executable, "-m", "hopgate.service.server.cli", "--model", str(bad),
                           "--port", "1"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "Traceback" not in run.stdout + run.stderr

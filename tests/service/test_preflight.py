@@ -2,9 +2,9 @@
 names it and the fix, exit 2, before any model is loaded (``check_bundle`` and the app are made
 to fail here, so a check that ran after loading would show), and nothing else breaks.
 
-Mutations caught: dropping the preflight call in service/cli.py (the key file, level, variable
-and port cases), probing the port after check_bundle (test_a_busy_port_*), the screen's url or
-bundle check removed, ``hopgate-export``'s command listing or per-command options removed."""
+Mutations caught: dropping the preflight call in service/server/cli.py (the key file, level,
+variable and port cases), probing the port after check_bundle (test_a_busy_port_*), the screen's
+url or bundle check removed, ``hopgate-export``'s command listing or per-command options removed."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from hopgate.service import app
-from hopgate.service import cli as serve_cli
 from hopgate.service.config import Settings
-from hopgate.service.preflight import NOT_SETTINGS, unknown_variable
 from hopgate.service.screening import main as screen
+from hopgate.service.server import cli as serve_cli
+from hopgate.service.server.preflight import NOT_SETTINGS, unknown_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_a_busy_port_is_found_before_the_model_loads(capsys, nothing_loads):
 
 def test_the_console_script_refuses_in_one_line(tmp_path):
     """The real command: the same line, exit 2, in well under the time a model takes to load."""
-    run = subprocess.run([sys.executable, "-m", "hopgate.service.cli", "--port", "0"],
+    run = subprocess.run([sys.executable, "-m", "hopgate.service.server.cli", "--port", "0"],
                          capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "HOPGATE_API_KEY_FILE": "/nonexistent"})
     assert run.returncode == 2 and run.stdout == "", (run.stdout, run.stderr)

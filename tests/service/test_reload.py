@@ -19,7 +19,7 @@ from conftest import BUNDLE, Server, in_process
 from inputs import encode, synthetic
 
 from hopgate.bundle import load_meta
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 PNG = encode(synthetic(1, seed=3)[0])
 THREADS = 4  # clients; the last one uploads its body slowly

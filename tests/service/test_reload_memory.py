@@ -21,7 +21,7 @@ from bundles import relabelled
 from conftest import BUNDLE, in_process
 
 from hopgate.service import reload as reload_module
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 RELOADS = 50
 AT_ONCE = 30

@@ -188,7 +188,7 @@ def test_metrics_parse_and_count_what_was_sent(tmp_path, fashion):
 
 
 def test_service_never_imports_torch():
-    code = ("import sys; import hopgate.service.app, hopgate.service.cli, "
+    code = ("import sys; import hopgate.service.app, hopgate.service.server.cli, "
             "hopgate.service.v2.routes, "
             "hopgate.service.batcher; hopgate.service.app.create_app(); "
             "assert 'torch' not in sys.modules, 'torch imported'; "

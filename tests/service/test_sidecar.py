@@ -462,8 +462,8 @@ def test_sidecar_settings_need_an_admin_port(tmp_path, capsys):
     exit 2."""
     import socket
 
-    from hopgate.service.cli import main
     from hopgate.service.config import Settings
+    from hopgate.service.server.cli import main
 
     with pytest.raises(ValueError, match="HOPGATE_ADMIN_PORT"):
         Settings(upstream_url="http://127.0.0.1:9/predict", proxy_routes=["/predict"])

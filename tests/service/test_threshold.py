@@ -18,7 +18,7 @@ from hopgate.bundle import load_meta
 from hopgate.service.batcher import Batcher
 from hopgate.service.errors import ClientError
 from hopgate.service.metrics import Metrics
-from hopgate.service.runtime import Runtime
+from hopgate.service.runtime.session import Runtime
 from hopgate.service.threshold import log_lambda_range, resolve, tau_at_tpr, tpr_range
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""The HTTP layer (service/transport.py, issue 24): httptools by default, with issue 14's
+"""The HTTP layer (service/server/transport.py, issue 24): httptools by default, with issue 14's
 request-head bound kept (llhttp has none: ``GuardedHttpTools`` counts the head's bytes), and
 POST /score handed to its handler without the router (service/routes/direct.py)."""
 
@@ -12,9 +12,9 @@ import pytest
 from conftest import in_process, serve
 from inputs import encode, synthetic
 
-from hopgate.service import transport
 from hopgate.service.config import Settings
 from hopgate.service.routes import score as routes_score
+from hopgate.service.server import transport
 
 PNG = encode(synthetic(1, seed=5)[0])
 LIMIT = 16 * 1024

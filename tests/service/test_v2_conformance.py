@@ -20,7 +20,7 @@ from inputs import encode, synthetic
 from tritonclient.utils import InferenceServerException
 
 from hopgate.bundle import load_meta
-from hopgate.service.local import local_server
+from hopgate.service.server.local import local_server
 
 pytestmark = pytest.mark.integration
 META = load_meta(BUNDLE)

@@ -1,4 +1,4 @@
-"""The worker model (service/workers.py): N server processes on one port. Unit checks in the
+"""The worker model (service/server/workers.py): N server processes on one port. Unit checks in the
 fast tier; in the integration tier a real two-worker server (two processes answering on the
 one port; SIGTERM drains both, exit 0)."""
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import BUNDLE, serve
 from inputs import encode, synthetic
 
-from hopgate.service import workers
+from hopgate.service.server import workers
 
 
 def test_usable_cores_and_resolve():

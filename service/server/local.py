@@ -54,8 +54,9 @@ def local_server(log_dir: Path, model: str | Path | None = None, timeout: float 
     env.update({f"HOPGATE_{k.upper()}": str(v) for k, v in settings.items()})
     log = Path(log_dir) / f"server-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hopgate.service.cli"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen([sys.executable, "-m", "hopgate.service.server.cli"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parents[2])
     server = LocalServer(proc, port, log, int(str(admin)) if admin else None)
     try:
         deadline = time.monotonic() + timeout

@@ -148,7 +148,7 @@ def supervise(host: str, port: int, workers: int, argv: list[str],
     # the cores shared out: onnxruntime's threads per worker, unless set (0, the chart's, is not)
     if env.get("HOPGATE_INTRA_OP_THREADS", "0").strip() in ("", "0"):
         env["HOPGATE_INTRA_OP_THREADS"] = str(max(1, usable_cores() // workers))
-    cmd = [sys.executable, "-m", "hopgate.service.cli", *argv]
+    cmd = [sys.executable, "-m", "hopgate.service.server.cli", *argv]
     procs = []
     for k in range(workers):
         sock = socks[k % len(socks)]

@@ -29,11 +29,11 @@ from pydantic_settings import SettingsError
 
 from hopgate.bundle import BundleError
 
-from . import cuda
-from .config import Settings
+from ..config import Settings
+from ..runtime import cuda
+from ..runtime.session import check_bundle
 from .memory import return_freed_memory
 from .preflight import api_key_file_problem, log_level_problem, port_problem, unknown_variable
-from .runtime import check_bundle
 from .transport import uvicorn_options
 from .workers import ADMIN_FD, LISTEN_FD, choose, inherited_socket, listen_socket, supervise
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
               f"admin port {settings.admin_port}): {e.strerror or e}", file=sys.stderr)
         return 2
     return_freed_memory()  # RSS falls back after a burst of big bodies or images
-    from .app import create_app  # FastAPI's import (~0.5 s): not in the supervisor's path
+    from ..app import create_app  # FastAPI's import (~0.5 s): not in the supervisor's path
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,

@@ -24,7 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import Settings
+from ..config import Settings
 
 HEAD_END = b"\r\n\r\n"
 
