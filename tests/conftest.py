@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "default.onnx"
 BUILDS = ("quick_build",)  # fixtures that build a model: a test using one must be marked slow
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """``hopgate-serve``'s main, called in process (tests/service/test_preflight.py), points the
+    root logger at the test's captured stdout; once pytest closes that stream, any later log
+    record (torch.onnx's, say) prints a "Logging error" into another test's stderr. So every
+    test leaves the root logger as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
