@@ -58,6 +58,16 @@ class Connection:
         self.writer.close()
 
 
+async def _exactly(r: asyncio.StreamReader, n: int) -> AsyncIterator[bytes]:
+    """``n`` bytes of a body as they arrive (a chunk, or a Content-Length body)."""
+    while n:
+        data = await r.read(min(n, CHUNK))
+        if not data:
+            raise UpstreamError("answer cut short")
+        n -= len(data)
+        yield data
+
+
 class Answer:
     """The upstream's status and headers; ``body()`` yields the body (de-chunked) as it
     arrives; the connection goes back to the pool when the body has been read whole."""
@@ -79,21 +89,11 @@ class Answer:
                         while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers: dropped
                             pass
                         break
-                    left = size
-                    while left:
-                        data = await r.read(min(left, CHUNK))
-                        if not data:
-                            raise UpstreamError("answer cut short")
-                        left -= len(data)
+                    async for data in _exactly(r, size):
                         yield data
                     await r.readexactly(2)
             elif self.length is not None:
-                left = self.length
-                while left:
-                    data = await r.read(min(left, CHUNK))
-                    if not data:
-                        raise UpstreamError("answer cut short")
-                    left -= len(data)
+                async for data in _exactly(r, self.length):
                     yield data
             else:  # no framing: the body runs to the close
                 while data := await r.read(CHUNK):
