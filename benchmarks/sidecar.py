@@ -177,23 +177,8 @@ def paired(a: str, b: str, path: str, body: bytes, n: int, warm: int = 20
            ) -> tuple[list[float], list[float]]:
     """``n`` requests to each of ``a`` and ``b``, alternating one by one (each on its own
     keep-alive connection), so that whatever else the machine does hits both alike."""
-    conns = [http.client.HTTPConnection(*u.removeprefix("http://").split(":"), timeout=30)
-             for u in (a, b)]
-    headers = {"content-type": "image/png"}
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(warm + n):
-        for conn, out in zip(conns, times):
-            t0 = time.perf_counter()
-            conn.request("POST", path, body, headers)
-            r = conn.getresponse()
-            r.read()
-            if r.status >= 300:
-                raise RuntimeError(f"{conn.host}:{conn.port}{path}: {r.status}")
-            if i >= warm:
-                out.append(time.perf_counter() - t0)
-    for conn in conns:
-        conn.close()
-    return times
+    direct, through = rotation([(a, path), (b, path)], body, n, warm)
+    return direct, through
 
 
 def concurrent(url: str, path: str, body: bytes, n: int, clients: int) -> float:

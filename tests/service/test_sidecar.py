@@ -24,6 +24,19 @@ from prometheus_client.parser import text_string_to_metric_families
 STUB_TYPE = "application/vnd.stub.prediction+json; charset=utf-8"
 
 
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A stub HTTP server on a free loopback port, served from a daemon thread (its request
+    threads are daemons too: ThreadingHTTPServer's default)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def stop(httpd: ThreadingHTTPServer) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+
+
 class Stub:
     """A classifier on a loopback port with its own path (/predict) and content type; it
     records every request it receives."""
@@ -54,14 +67,10 @@ class Stub:
                 self.end_headers()
                 self.wfile.write(answer)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.httpd, self.url = serve_in_thread(Handler)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop(self.httpd)
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +265,10 @@ class Classifier:
                 self._answer(stub.status, json.dumps({"label": "sneaker"}).encode(), STUB_TYPE,
                              [("x-stub", "yes"), ("x-hopgate-ood", "spoofed")])
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.httpd, self.url = serve_in_thread(Handler)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop(self.httpd)
 
 
 @pytest.fixture
