@@ -30,12 +30,12 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import State
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hopgate import __version__
 
@@ -50,12 +50,6 @@ from .routes import ops as routes_ops
 from .routes import score as routes_score
 from .sidecar import passthrough, proxy
 from .v2 import routes as v2
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("hopgate.access")
 EXEMPT = (*routes_ops.PATHS, *v2.HEALTH_PATHS)
