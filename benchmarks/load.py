@@ -21,7 +21,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -36,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hopgate.machine import cpu_name  # noqa: E402
+from hopgate.machine import describe  # noqa: E402
 from hopgate.service.runtime.session import Runtime  # noqa: E402
 from hopgate.service.server.local import local_server  # noqa: E402
 
@@ -45,8 +44,7 @@ MAX_REQUESTS = 20_000  # hard cap per measurement, besides the time bound
 
 
 def machine() -> str:
-    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            "no GPU (CPUExecutionProvider)")
+    return f"{describe()}, no GPU (CPUExecutionProvider)"
 
 
 def png_for(runtime_shape: tuple[int, int, int], seed: int = 0) -> bytes:

@@ -40,7 +40,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -111,16 +110,10 @@ def run_stub(port: int, delay_ms: float, model: str | None) -> None:
 
 # --- the measuring side -------------------------------------------------------------------
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def stub(delay_ms: float, model: str | None = None):
+    from hopgate.service.server.local import free_port
+
     port = free_port()
     cmd = [sys.executable, __file__, "stub", str(port), str(delay_ms), *([model] if model else [])]
     proc = subprocess.Popen(cmd)
@@ -284,11 +277,9 @@ def shapes(model: str, body: bytes, n: int, clients: int, tmp: Path) -> list[dic
 
 
 def machine() -> str:
-    from hopgate.machine import cpu_name
+    from hopgate.machine import describe
 
-    load = os.getloadavg()[0]
-    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"no GPU; load average {load:.2f} at the start")
+    return f"{describe()}, no GPU; load average {os.getloadavg()[0]:.2f} at the start"
 
 
 def render(doc: dict) -> str:

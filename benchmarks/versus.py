@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -51,7 +50,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hopgate.machine import cpu_name  # noqa: E402
+from hopgate.machine import describe  # noqa: E402
 from hopgate.service.server.local import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +79,7 @@ end
 
 
 def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU"
+    return f"{describe()}, no GPU"
 
 
 def ensure_wrk() -> str:

@@ -7,6 +7,13 @@ import platform
 from pathlib import Path
 
 
+def describe() -> str:
+    """The machine line every serving benchmark prints: CPU, cores, kernel."""
+    import os
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo; platform.processor() (or "unknown CPU")
     where that file is missing or says nothing."""
