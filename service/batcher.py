@@ -10,6 +10,10 @@ Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
   * Images accumulate only while the runtime is busy. With more than one batch slot, a free
     slot waits for a full largest bucket, the in-flight batch to finish, or the oldest
     image to reach ``max_delay_ms``, whichever comes first (a hard ceiling).
+  * ``slots`` 0 (the default of each of several CPU workers, server/workers.py): no runtime
+    thread; the batcher's own task computes each batch on the event loop, after the requests
+    already read have queued their images. A worker of several has about one core: a thread
+    beside its loop buys no overlap there, only hand-offs (measured in benchmarks/versus_24.md).
   * A batch is padded to the smallest bucket that holds it (all buckets are warmed).
   * The queue is bounded in images: a request that does not fit is rejected at once
     (``QueueFull``), never parked.
@@ -60,14 +64,16 @@ class Batcher:
         self.runtime, self.metrics = runtime, metrics
         self.buckets, self.max_batch = sorted(buckets), max(buckets)
         self.capacity, self.max_delay = queue_images, max_delay_ms / 1000.0
-        self.slots = slots
+        # slots 0: every batch on the event loop (CPU only: a GPU wants the loop free meanwhile)
+        self.on_loop = slots == 0 and getattr(runtime, "provider", "") == "CPUExecutionProvider"
+        self.slots = max(slots, 1)
         self.inline_s = inline_ms / 1000.0
         self.queue: deque[Item] = deque()
         self.inflight = 0  # batches being computed
         self.inflight_images = 0
         self.closed = False
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="hopgate-runtime")
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="hopgate-runtime")
         self._task: asyncio.Task | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -90,6 +96,8 @@ class Batcher:
         if self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1 and (
                 getattr(self.runtime, "single_s", float("inf")) <= self.inline_s):
             self._inline(self._take())
+        elif self.on_loop:  # _loop computes once the requests already read have queued too
+            pass
         elif self.inflight == 0:  # a lone request never waits: straight to the runtime thread
             self._start(self._take())
         else:
@@ -156,7 +164,23 @@ class Batcher:
         self.metrics.queue_wait.observe(started - batch[0].enqueued)
         self.metrics.batch_size.observe(1)
         try:
-            fut.set_result(self.runtime.run(batch[0].image[None], self._bucket(1),
+            fut.set_result(self.runtime.run_solo(batch[0].image, batch[0].log_lambda))
+        except Exception as e:
+            fut.set_exception(e)
+        self._finish(fut, batch, started)
+
+    def _here(self, batch: list[Item]) -> None:
+        """Compute ``batch`` on the event loop itself (``slots`` 0; see the module docstring)."""
+        self.inflight += 1
+        started = time.monotonic()
+        for item in batch:
+            self.metrics.queue_wait.observe(started - item.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            rows = [i.image for i in batch]
+            images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
+            fut.set_result(self.runtime.run(images, self._bucket(len(batch)),
                                             batch[0].log_lambda))
         except Exception as e:
             fut.set_exception(e)
@@ -167,6 +191,8 @@ class Batcher:
         task per batch: one hop there, one back)."""
         if not batch:
             return
+        if self.on_loop:
+            return self._here(batch)
         self.inflight += 1
         n = len(batch)
         started = time.monotonic()

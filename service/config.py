@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     buckets: list[int] = [1, 2, 4, 8, 16, 32, 64]  # padded batch sizes, all warmed before ready
     max_delay_ms: float = Field(2.0, ge=0)  # longest linger to fill a bucket while busy
     inline_compute_ms: float = Field(2.0, ge=0)  # a lone cheaper image runs on the loop
-    batch_slots: int = Field(1, ge=1)  # batches in flight at once (1 on CPU: ORT uses all threads)
+    # batches in flight at once (1 on CPU: ORT uses all threads); 0: computed on the event
+    # loop, no runtime thread (what each of several CPU workers gets: server/workers.py)
+    batch_slots: int = Field(1, ge=0)
     queue_images: int = Field(512, ge=1)  # queued images beyond which requests are rejected
     reject_status: int = 503  # 503 or 429
     retry_after_s: int = Field(1, ge=0)
@@ -32,6 +34,7 @@ class Settings(BaseSettings):
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     intra_op_threads: int = Field(0, ge=0)  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = Field(1, ge=0)
+    solo_threads: int = Field(0, ge=0)  # a lone image's onnxruntime threads (0: usable cores)
     ort_spinning: bool = False  # onnxruntime's threads busy-wait between runs (runtime/session.py)
     # pad batches to their bucket: auto (on CUDA, not on CPU), bucket, none
     pad: Literal["auto", "bucket", "none"] = "auto"

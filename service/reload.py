@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .runtime.session import Runtime
 from .scoring import Scorer
 from .server.memory import trim
+from .server.workers import usable_cores
 
 log = logging.getLogger("hopgate.reload")
 
@@ -51,7 +52,7 @@ def load_runtime(settings: Settings) -> Runtime:
     runtime = Runtime(settings.model, settings.providers, settings.intra_op_threads,
                       settings.inter_op_threads, settings.pad, settings.ort_spinning,
                       settings.io_binding, settings.cuda_graphs, settings.cuda_conv_algo_search,
-                      settings.cuda_tf32)
+                      settings.cuda_tf32, settings.solo_threads or usable_cores())
     runtime.warm(settings.buckets)
     return runtime
 

@@ -14,7 +14,9 @@ the machine has available) holds fewer workers of this bundle, and one where onn
 run on CUDA (one process keeps the device busy with many requests in flight and larger
 batches). The choice and its reasons are logged at start in one line. Each worker's
 onnxruntime gets cores ÷ workers intra-op threads unless ``HOPGATE_INTRA_OP_THREADS`` says
-otherwise.
+otherwise, computes its batches on its event loop (``HOPGATE_BATCH_SLOTS`` 0, batcher.py),
+and runs a lone request's image on a session with every usable core (``HOPGATE_SOLO_THREADS``,
+runtime/session.py): at concurrency 1 the other workers' cores are idle.
 
 The supervisor forwards SIGTERM/SIGINT to every worker; each drains as a lone server does
 (cli.py) and the supervisor exits with the worst exit code once all have. SIGHUP is
@@ -65,7 +67,9 @@ def resolve(workers: int) -> int:
 
 
 WORKER_BASE_BYTES = 200 * 2**20  # one worker's RSS beside its bundle (measured: ~140-155 MB)
-BUNDLE_FACTOR = 3  # the bundle's bytes: the file, the session's weights, its arena
+# the bundle's bytes: the file, the session's weights, its arena, and the solo session
+# (runtime/session.py; measured: a 73 MB bundle adds 187 MB without it, 269 MB with it)
+BUNDLE_FACTOR = 4
 
 
 def memory_available() -> int | None:
@@ -148,6 +152,9 @@ def supervise(host: str, port: int, workers: int, argv: list[str],
     # the cores shared out: onnxruntime's threads per worker, unless set (0, the chart's, is not)
     if env.get("HOPGATE_INTRA_OP_THREADS", "0").strip() in ("", "0"):
         env["HOPGATE_INTRA_OP_THREADS"] = str(max(1, usable_cores() // workers))
+    # ... and a worker's batches on its event loop: with about one core each, a runtime thread
+    # beside the loop overlaps nothing and costs two hand-offs per batch (batcher.py)
+    env.setdefault("HOPGATE_BATCH_SLOTS", "0")
     cmd = [sys.executable, "-m", "hopgate.service.server.cli", *argv]
     procs = []
     for k in range(workers):

@@ -223,3 +223,23 @@ def test_a_refused_graph_capture_turns_graphs_off_in_one_line(monkeypatch, caplo
     plain = Runtime(BUNDLE, ["CPUExecutionProvider"], 1, io_binding=False)
     x = fashion.images[:13]
     np.testing.assert_array_equal(rt.run(x, 16)["pred_class"], plain.run(x)["pred_class"])
+
+
+def test_a_lone_image_runs_on_the_solo_session_with_the_same_answers(fashion):
+    """Issue 24: a worker with fewer onnxruntime threads than the machine's cores runs a lone
+    image on a second session with ``solo_threads``; its answers are the batch path's."""
+    rt = Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=1, solo_threads=2)
+    rt.warm([1, 8])
+    assert rt.solo is not None
+    solo_ops = rt.solo.get_session_options()
+    assert solo_ops.intra_op_num_threads == 2
+    for image in fashion.images[:32]:
+        solo, batch = rt.run_solo(image), rt.run(image[None])
+        for k in OUTPUTS:
+            np.testing.assert_allclose(solo[k], batch[k], rtol=1e-5, atol=1e-4, err_msg=k)
+    # a threshold of the request's own, as on the batch path
+    lam = float(np.asarray(rt.run(fashion.images[:1])["score"])[0]) + 1.0
+    assert bool(rt.run_solo(fashion.images[0], lam)["is_ood"][0])
+    # no second session where it would add nothing: all threads already, or as many
+    assert Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=0, solo_threads=2).solo is None
+    assert Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=2, solo_threads=2).solo is None

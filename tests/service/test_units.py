@@ -25,8 +25,11 @@ IMG = synthetic(1, seed=3)[0]
 class FakeRuntime:
     """Records each batch; a batch blocks until ``release`` is set (when ``gated``)."""
 
+    provider = "CPUExecutionProvider"
+
     def __init__(self, gated: bool = False):
         self.batches: list[tuple[int, int]] = []  # (images, bucket)
+        self.threads: list[int] = []  # the thread each batch ran on
         self.release = threading.Event()
         self.started = threading.Event()
         if not gated:
@@ -35,9 +38,14 @@ class FakeRuntime:
     def run(self, images: np.ndarray, bucket: int | None = None,
             log_lambda: float | None = None) -> dict[str, np.ndarray]:
         self.batches.append((len(images), bucket or len(images)))
+        self.threads.append(threading.get_ident())
         self.started.set()
         assert self.release.wait(10)
-        return {"score": images.reshape(len(images), -1)[:, 0].astype(np.float32)}
+        return {"score": np.stack(images).reshape(len(images), -1)[:, 0].astype(np.float32)}
+
+    def run_solo(self, image: np.ndarray, log_lambda: float | None = None
+                 ) -> dict[str, np.ndarray]:
+        return self.run(image[None], 1, log_lambda)
 
 
 def make(runtime: FakeRuntime, buckets=(1, 2, 4, 8), capacity: int = 64, delay_ms: float = 2,
@@ -107,6 +115,41 @@ def test_a_lone_cheap_image_is_computed_inline_only_when_alone():
     done_at_once, was_done, dear_done, rows = run(go())
     assert done_at_once and not was_done and not dear_done
     assert [float(r[0]["score"]) for r in rows] == [0.0, 5.0, 7.0, 8.0]
+
+
+def test_slots_0_computes_on_the_loop_once_the_tick_s_requests_are_in():
+    """Issue 24: each of several CPU workers computes its batches on its event loop. Three
+    requests submitted in one tick form one batch, computed on the loop's own thread (no
+    hand-off); the next tick's request is a batch of its own."""
+    async def go():
+        rt = FakeRuntime()
+        b = make(rt, slots=0)
+        first = [f for k in range(3) for f in b.submit(images(1, k), later())]
+        queued = not any(f.done() for f in first)  # not computed inside submit
+        rows = await asyncio.wait_for(asyncio.gather(*first), 5)
+        rows += await asyncio.wait_for(asyncio.gather(*b.submit(images(1, 9), later())), 5)
+        b.close()
+        return rt, rows, queued
+
+    rt, rows, queued = run(go())
+    assert queued
+    assert [n for n, _ in rt.batches] == [3, 1]
+    assert set(rt.threads) == {threading.get_ident()}  # asyncio.run's loop: this thread
+    assert [float(r[0]["score"]) for r in rows] == [0.0, 1.0, 2.0, 9.0]
+
+
+def test_slots_0_keeps_the_runtime_thread_off_the_cpu():
+    """On a GPU the loop stays free while the device computes: slots 0 is one slot there."""
+    async def go():
+        rt = FakeRuntime()
+        rt.provider = "CUDAExecutionProvider"
+        b = make(rt, slots=0)
+        await asyncio.wait_for(asyncio.gather(*b.submit(images(2), later())), 5)
+        b.close()
+        return rt
+
+    rt = run(go())
+    assert rt.threads and threading.get_ident() not in rt.threads
 
 
 def test_images_accumulate_while_busy_and_big_requests_split_at_the_largest_bucket():

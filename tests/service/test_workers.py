@@ -28,9 +28,13 @@ def test_a_lone_server_has_no_inherited_socket(monkeypatch):
     assert workers.inherited_socket() is None
 
 
+def _environ(pid: int) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                if "=" in kv)
+
+
 def _listening_socket(pid: int) -> str:
-    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
-               if "=" in kv)
+    env = _environ(pid)
     return os.readlink(f"/proc/{pid}/fd/{env[workers.LISTEN_FD]}")  # socket:[inode]
 
 
@@ -47,6 +51,8 @@ def test_two_workers_share_one_port_and_drain_on_sigterm(tmp_path):
         # each its own listening socket on the port (SO_REUSEPORT): the kernel spreads the
         # connections; one shared socket gave 29 of 32 to one worker
         assert len({_listening_socket(k) for k in kids}) == 2
+        # each computes its batches on its event loop (issue 24: no runtime thread per worker)
+        assert {_environ(k).get("HOPGATE_BATCH_SLOTS") for k in kids} == {"0"}
         with httpx.Client(base_url=s.url, timeout=30) as c:
             deadline = time.monotonic() + 60  # both workers ready (each answers /readyz)
             for _ in range(20):
