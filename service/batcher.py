@@ -12,7 +12,9 @@ Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
     image to reach ``max_delay_ms``, whichever comes first (a hard ceiling).
   * ``slots`` 0 (the default of each of several CPU workers, server/workers.py): no runtime
     thread; the batcher's own task computes each batch on the event loop, after the requests
-    already read have queued their images. A worker of several has about one core: a thread
+    already read have queued their images and while more keep arriving (a loop pass at a
+    time, at most ``GATHER_PASSES``: at c=16 the mean batch went from 4 to 8 images and
+    req/s up 2-7 %). A worker of several has about one core: a thread
     beside its loop buys no overlap there, only hand-offs (measured in benchmarks/versus_24.md).
   * A batch is padded to the smallest bucket that holds it (all buckets are warmed).
   * The queue is bounded in images: a request that does not fit is rejected at once
@@ -35,6 +37,9 @@ import numpy as np
 
 from .metrics import Metrics
 from .runtime.session import Runtime
+
+
+GATHER_PASSES = 4  # slots 0: loop passes a batch may wait for arriving requests (_gather)
 
 
 class QueueFull(Exception):
@@ -150,7 +155,21 @@ class Batcher:
                         pass
                     else:
                         continue
+            if self.on_loop:
+                await self._gather()
             self._start(self._take())
+
+    async def _gather(self) -> None:
+        """On the loop (``slots`` 0), before a batch: let the loop read the requests that are
+        arriving, one pass at a time while the queue still grows (at most ``GATHER_PASSES``).
+        Under load the clients answered by the last batch send their next requests within
+        microseconds; without this the first of them made a batch of its own."""
+        n = len(self.queue)
+        for _ in range(GATHER_PASSES):
+            await asyncio.sleep(0)
+            if len(self.queue) == n:
+                return
+            n = len(self.queue)
 
     def _inline(self, batch: list[Item]) -> None:
         """Compute one image on the event loop itself: only when it is the only request in the

@@ -138,6 +138,31 @@ def test_slots_0_computes_on_the_loop_once_the_tick_s_requests_are_in():
     assert [float(r[0]["score"]) for r in rows] == [0.0, 1.0, 2.0, 9.0]
 
 
+def test_slots_0_waits_for_requests_still_arriving_while_the_queue_grows():
+    """Under load the next requests arrive over a few loop passes; a batch waits for them
+    while the queue grows (at most GATHER_PASSES passes) instead of computing the first alone."""
+    async def go():
+        rt = FakeRuntime()
+        b = make(rt, slots=0)
+        loop = asyncio.get_running_loop()
+        futures = list(b.submit(images(1), later()))
+
+        def arrive(k: int) -> None:  # one more request per loop pass
+            futures.extend(b.submit(images(1, k), later()))
+            if k < 3:
+                loop.call_soon(arrive, k + 1)
+
+        loop.call_soon(arrive, 1)
+        await wait_for(lambda: len(futures) == 4)
+        rows = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        b.close()
+        return rt, rows
+
+    rt, rows = run(go())
+    assert [n for n, _ in rt.batches] == [4]
+    assert [float(r[0]["score"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_slots_0_keeps_the_runtime_thread_off_the_cpu():
     """On a GPU the loop stays free while the device computes: slots 0 is one slot there."""
     async def go():
