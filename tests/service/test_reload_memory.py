@@ -42,7 +42,10 @@ def reloads_built(metrics: str) -> float:
 
 @pytest.mark.integration
 def test_rss_after_many_reloads_stays_near_the_first(tmp_path):
-    with local_server(tmp_path, BUNDLE, buckets="[1,32]", intra_op_threads=2) as s:
+    # as each of the default's workers on 2 cores: one thread, its solo session (two threads,
+    # rebuilt on every reload too), batches on the loop
+    with local_server(tmp_path, BUNDLE, buckets="[1,32]", intra_op_threads=1, solo_threads=2,
+                      batch_slots=0) as s:
         url = f"{s.url}/v2/repository/models/default/load"
         with httpx.Client(timeout=60) as c:
             assert c.post(url).status_code == 200
