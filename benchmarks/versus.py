@@ -215,6 +215,16 @@ def wrk_point(wrk: str, server: Server, script: Path, conc: int, seconds: float)
             "processes": len(rss), "loadavg_1m_after": os.getloadavg()[0]}
 
 
+def serve_entry(ref: str) -> tuple[str, str]:
+    """``hopgate-serve``'s module and function as of ``ref`` (its pyproject's scripts: the
+    module moved with issue 22's layout)."""
+    text = subprocess.run(["git", "show", f"{ref}:pyproject.toml"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    line = next(x for x in text.splitlines() if x.strip().startswith("hopgate-serve"))
+    module, _, func = line.split("=", 1)[1].split("#")[0].strip().strip('"').partition(":")
+    return module, func
+
+
 def before_tree(ref: str, into: Path) -> Path:
     """hopgate as of ``ref``: its hopgate/ with service/ inside it, importable from ``into``."""
     src = into / "src"
@@ -290,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         plans.append((name, [py, "-m", "hopgate.service.server.cli"], env, raw, "image/jpeg"))
     if a.before:
         pkg = before_tree(a.before, tmp / "before")
+        module, func = serve_entry(a.before)
         code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-                "from hopgate.service.server.cli import main; sys.exit(main())")
+                f"from {module} import {func}; sys.exit({func}())")
         plans.append((f"hopgate@{a.before}", [py, "-c", code, str(pkg)], hop_env, raw,
                       "image/jpeg"))
 
