@@ -38,7 +38,6 @@ import numpy as np
 from .metrics import Metrics
 from .runtime.session import Runtime
 
-
 GATHER_PASSES = 4  # slots 0: loop passes a batch may wait for arriving requests (_gather)
 
 

@@ -241,5 +241,7 @@ def test_a_lone_image_runs_on_the_solo_session_with_the_same_answers(fashion):
     lam = float(np.asarray(rt.run(fashion.images[:1])["score"])[0]) + 1.0
     assert bool(rt.run_solo(fashion.images[0], lam)["is_ood"][0])
     # no second session where it would add nothing: all threads already, or as many
-    assert Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=0, solo_threads=2).solo is None
-    assert Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=2, solo_threads=2).solo is None
+    for threads in (0, 2):
+        plain = Runtime(BUNDLE, ["CPUExecutionProvider"], intra_op_threads=threads,
+                        solo_threads=2)
+        assert plain.solo is None, threads
