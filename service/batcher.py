@@ -99,7 +99,7 @@ class Batcher:
         self._idle.clear()
         if self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1 and (
                 getattr(self.runtime, "single_s", float("inf")) <= self.inline_s):
-            self._inline(self._take())
+            self._here(self._take(), solo=True)
         elif self.on_loop:  # _loop computes once the requests already read have queued too
             pass
         elif self.inflight == 0:  # a lone request never waits: straight to the runtime thread
@@ -170,25 +170,13 @@ class Batcher:
                 return
             n = len(self.queue)
 
-    def _inline(self, batch: list[Item]) -> None:
-        """Compute one image on the event loop itself: only when it is the only request in the
-        server and one image costs at most ``inline_ms`` (measured at warm-up), so nothing
-        waits behind it; saves the hand-off to the runtime thread and back."""
+    def _here(self, batch: list[Item], solo: bool = False) -> None:
+        """Compute ``batch`` on the event loop itself: a lone cheap image (``solo``, on the
+        runtime's solo session: the only request in the server, costing at most ``inline_ms``
+        as measured at warm-up, so nothing waits behind it; no hand-off to the runtime
+        thread and back), or every batch with ``slots`` 0 (see the module docstring)."""
         if not batch:
             return
-        self.inflight += 1
-        started = time.monotonic()
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.metrics.queue_wait.observe(started - batch[0].enqueued)
-        self.metrics.batch_size.observe(1)
-        try:
-            fut.set_result(self.runtime.run_solo(batch[0].image, batch[0].log_lambda))
-        except Exception as e:
-            fut.set_exception(e)
-        self._finish(fut, batch, started)
-
-    def _here(self, batch: list[Item]) -> None:
-        """Compute ``batch`` on the event loop itself (``slots`` 0; see the module docstring)."""
         self.inflight += 1
         started = time.monotonic()
         for item in batch:
@@ -196,10 +184,13 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
-            rows = [i.image for i in batch]
-            images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
-            fut.set_result(self.runtime.run(images, self._bucket(len(batch)),
-                                            batch[0].log_lambda))
+            if solo:
+                out = self.runtime.run_solo(batch[0].image, batch[0].log_lambda)
+            else:
+                rows = [i.image for i in batch]
+                images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
+                out = self.runtime.run(images, self._bucket(len(batch)), batch[0].log_lambda)
+            fut.set_result(out)
         except Exception as e:
             fut.set_exception(e)
         self._finish(fut, batch, started)
