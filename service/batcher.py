@@ -170,6 +170,22 @@ class Batcher:
                 return
             n = len(self.queue)
 
+    def _begin(self, batch: list[Item]) -> float:
+        """A batch goes in flight: counted (``hopgate_inflight``, queue waits, batch size);
+        returns its start, which ``_finish`` reads."""
+        self.inflight += 1
+        started = time.monotonic()
+        for item in batch:
+            self.metrics.queue_wait.observe(started - item.enqueued)
+        self.inflight_images += len(batch)
+        self.metrics.inflight.set(self.inflight_images)
+        self.metrics.batch_size.observe(len(batch))
+        return started
+
+    def _images(self, batch: list[Item]) -> list[np.ndarray] | np.ndarray:
+        rows = [i.image for i in batch]  # the binding stacks them into its own buffer
+        return rows if getattr(self.runtime, "binding", None) else np.stack(rows)
+
     def _here(self, batch: list[Item], solo: bool = False) -> None:
         """Compute ``batch`` on the event loop itself: a lone cheap image (``solo``, on the
         runtime's solo session: the only request in the server, costing at most ``inline_ms``
@@ -177,19 +193,14 @@ class Batcher:
         thread and back), or every batch with ``slots`` 0 (see the module docstring)."""
         if not batch:
             return
-        self.inflight += 1
-        started = time.monotonic()
-        for item in batch:
-            self.metrics.queue_wait.observe(started - item.enqueued)
-        self.metrics.batch_size.observe(len(batch))
+        started = self._begin(batch)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
             if solo:
                 out = self.runtime.run_solo(batch[0].image, batch[0].log_lambda)
             else:
-                rows = [i.image for i in batch]
-                images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
-                out = self.runtime.run(images, self._bucket(len(batch)), batch[0].log_lambda)
+                out = self.runtime.run(self._images(batch), self._bucket(len(batch)),
+                                       batch[0].log_lambda)
             fut.set_result(out)
         except Exception as e:
             fut.set_exception(e)
@@ -202,19 +213,11 @@ class Batcher:
             return
         if self.on_loop:
             return self._here(batch)
-        self.inflight += 1
-        n = len(batch)
-        started = time.monotonic()
-        for item in batch:
-            self.metrics.queue_wait.observe(started - item.enqueued)
-        self.inflight_images += n
-        self.metrics.inflight.set(self.inflight_images)
-        self.metrics.batch_size.observe(n)
+        started = self._begin(batch)
         try:
-            rows = [i.image for i in batch]  # the binding stacks them into its own buffer
-            images = rows if getattr(self.runtime, "binding", None) else np.stack(rows)
             fut = asyncio.get_running_loop().run_in_executor(
-                self._pool, self.runtime.run, images, self._bucket(n), batch[0].log_lambda)
+                self._pool, self.runtime.run, self._images(batch), self._bucket(len(batch)),
+                batch[0].log_lambda)
         except Exception as e:  # e.g. the pool is shut down: the batch fails, the loop goes on
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             done.set_exception(e)

@@ -110,6 +110,7 @@ def test_a_lone_cheap_image_is_computed_inline_only_when_alone():
         dear_done = dear[0].done()
         await asyncio.wait_for(dear[0], 5)
         b.close()
+        assert (b.inflight_images, metrics.inflight._value.get()) == (0, 0)
         return done_at_once, was_done, dear_done, rows
 
     done_at_once, was_done, dear_done, rows = run(go())
@@ -129,10 +130,11 @@ def test_slots_0_computes_on_the_loop_once_the_tick_s_requests_are_in():
         rows = await asyncio.wait_for(asyncio.gather(*first), 5)
         rows += await asyncio.wait_for(asyncio.gather(*b.submit(images(1, 9), later())), 5)
         b.close()
-        return rt, rows, queued
+        return rt, rows, queued, (b.inflight_images, b.metrics.inflight._value.get())
 
-    rt, rows, queued = run(go())
+    rt, rows, queued, inflight = run(go())
     assert queued
+    assert inflight == (0, 0)  # hopgate_inflight back to 0: counted in and out alike
     assert [n for n, _ in rt.batches] == [3, 1]
     assert set(rt.threads) == {threading.get_ident()}  # asyncio.run's loop: this thread
     assert [float(r[0]["score"]) for r in rows] == [0.0, 1.0, 2.0, 9.0]
