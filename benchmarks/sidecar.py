@@ -149,21 +149,7 @@ def id_png(model: str) -> bytes:
 
 def sequential(url: str, path: str, body: bytes, n: int, warm: int = 20) -> list[float]:
     """Seconds per request of ``n`` requests in a row on one keep-alive connection."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    headers = {"content-type": "image/png"}
-    times = []
-    for i in range(warm + n):
-        t0 = time.perf_counter()
-        conn.request("POST", path, body, headers)
-        r = conn.getresponse()
-        r.read()
-        if r.status >= 300:
-            raise RuntimeError(f"{url}{path}: {r.status}")
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
-    conn.close()
-    return times
+    return rotation([(url, path)], body, n, warm, timeout=30)[0]
 
 
 def paired(a: str, b: str, path: str, body: bytes, n: int, warm: int = 20
@@ -230,12 +216,12 @@ def added_latency(model: str, body: bytes, n: int, tmp: Path, rounds: int) -> li
     return rows
 
 
-def rotation(targets: list[tuple[str, str]], body: bytes, n: int, warm: int = 20
-             ) -> list[list[float]]:
+def rotation(targets: list[tuple[str, str]], body: bytes, n: int, warm: int = 20,
+             timeout: float = 60) -> list[list[float]]:
     """``n`` requests to each (url, path), one to each in turn (each its own keep-alive
     connection), so that whatever else the machine does hits them alike."""
-    conns = [(http.client.HTTPConnection(*u.removeprefix("http://").split(":"), timeout=60), p)
-             for u, p in targets]
+    conns = [(http.client.HTTPConnection(*u.removeprefix("http://").split(":"),
+                                         timeout=timeout), p) for u, p in targets]
     headers = {"content-type": "image/png"}
     times: list[list[float]] = [[] for _ in targets]
     for i in range(warm + n):

@@ -62,13 +62,7 @@ class Runtime:
         self.meta: BundleMeta = load_meta(self.path)
         available = ort.get_available_providers()
         chosen = cuda.choose(ort, providers)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # the overridable log_lambda initializer is intended
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts = options(ort, intra_op_threads, inter_op_threads, spinning)
         pads = pad == "bucket" or (pad == "auto" and chosen[0] != "CPUExecutionProvider")
         self.cuda_graphs = cuda_graphs and io_binding and pads and cuda.CUDA in chosen
 
@@ -91,11 +85,7 @@ class Runtime:
         # has fewer than the machine (its threads idle while only one request is in)
         self.solo: Any = None
         if (self.provider == "CPUExecutionProvider" and 0 < intra_op_threads < solo_threads):
-            solo = ort.SessionOptions()
-            solo.log_severity_level = 3
-            solo.intra_op_num_threads, solo.inter_op_num_threads = solo_threads, 1
-            solo.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.solo = ort.InferenceSession(str(self.path), solo,
+            self.solo = ort.InferenceSession(str(self.path), options(ort, solo_threads),
                                              providers=["CPUExecutionProvider"])
         self.has_log_lambda = check_graph(self.session, self.meta, self.path)
         self.outputs = served_outputs({o.name for o in self.session.get_outputs()})
@@ -203,6 +193,19 @@ class Runtime:
             except Exception as e:  # onnxruntime's own error: the graph, not the request
                 raise BundleError(f"{self.path}: the graph fails on a batch of {b} blank "
                                   f"images: {str(e).splitlines()[0][:300]}") from None
+
+
+def options(ort: Any, intra_op_threads: int, inter_op_threads: int = 1,
+            spinning: bool = False) -> Any:
+    """A serving session's options: its threads, and no busy-waiting unless asked."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the overridable log_lambda initializer is intended
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = inter_op_threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
 
 
 def check_graph(session: Any, meta: BundleMeta, path: Path) -> bool:
