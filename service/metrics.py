@@ -11,7 +11,15 @@ import math
 from collections import deque
 from contextvars import ContextVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 from hopgate.bundle import BundleMeta
 
@@ -33,6 +41,8 @@ class Metrics:
                  reference: list[float] | None = None, drift_window: int = 1000,
                  drift_every: int = 50):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
+        GCCollector(registry=r)  # python_gc_collections_total{generation} (server/memory.py)
         self.requests = Counter("hopgate_requests", "Requests by HTTP status and reason",
                                 ["status", "reason"], registry=r)
         self.images = Counter("hopgate_images", "Scored images by verdict (id, ood, error)",

@@ -32,7 +32,7 @@ from hopgate.bundle import BundleError
 from ..config import Settings
 from ..runtime import cuda
 from ..runtime.session import check_bundle
-from .memory import return_freed_memory
+from .memory import freeze_start_up, return_freed_memory
 from .preflight import api_key_file_problem, log_level_problem, port_problem, unknown_variable
 from .transport import uvicorn_options
 from .workers import ADMIN_FD, LISTEN_FD, choose, inherited_socket, listen_socket, supervise
@@ -82,6 +82,11 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.hopgate_app, self.drain_seconds, self.quiet = app, drain_seconds, quiet_seconds
         self._draining = False
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the bundle is loaded: what exists now lives as long as the server
+            freeze_start_up()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:  # second signal: leave now

@@ -15,6 +15,12 @@ so ``GuardedHttpTools`` counts the head's bytes as they arrive (up to the blank 
 it) and answers 400 and closes once a head passes ``max_header_bytes``; a head that starts
 inside a read, after another request's body (pipelining), is counted from the request line
 and headers the parser hands over (a header still arriving is then bounded by its reads).
+
+One write per answer (``HeldHead``): uvicorn writes a response's head and its body with two
+``transport.write`` calls, and uvloop sends each at once: two syscalls and two TCP segments
+per answer. Both protocols write through ``HeldHead``, which holds a fixed-length response's
+head until the body's first write and sends them together (issue 24: one syscall less per
+request on both sides of the socket).
 """
 
 from __future__ import annotations
@@ -29,8 +35,48 @@ from ..config import Settings
 HEAD_END = b"\r\n\r\n"
 
 
+class HeldHead:
+    """The connection's transport, holding a response head for the body's first write.
+
+    What is held: a write that is a whole head (``HTTP/1.1`` and a status of 200 or above,
+    ending in its blank line) with a ``content-length`` (a chunked or streaming answer is
+    sent as it comes: its body may be slow). It goes out joined with the next write, or
+    at ``flush`` (the protocol calls it when the response completes) or ``close``. Bytes
+    never change order and every answer is whole on the wire when it completes; only a
+    fixed-length head waits, until its body's first bytes (at once for the answers hopgate
+    builds; a proxied answer's when the classifier sends them). Everything else is the
+    transport's own (``__getattr__``)."""
+
+    __slots__ = ("_transport", "_head")
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport, self._head = transport, b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        elif (type(data) is bytes and data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
+              and data.endswith(HEAD_END) and b"\r\ncontent-length:" in data.lower()):
+            self._head = data
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class HeadTimeout:
-    """Mixin for uvicorn's protocols: the request head must arrive within ``head_timeout_s``."""
+    """Mixin for uvicorn's protocols: the request head must arrive within ``head_timeout_s``;
+    answers written through ``HeldHead``."""
 
     head_timeout_s = 10.0  # set per server by ``protocol_for``
     _head_timer: asyncio.TimerHandle | None = None
@@ -56,7 +102,7 @@ class HeadTimeout:
             self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(HeldHead(transport))  # type: ignore[misc, arg-type]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -65,6 +111,7 @@ class HeadTimeout:
             self._disarm()
 
     def on_response_complete(self) -> None:
+        self.transport.flush()  # type: ignore[attr-defined]  # HeldHead: nothing stays held
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing() and self._waiting_for_head():
             self._arm()

@@ -128,3 +128,92 @@ async def test_post_score_skips_the_router_and_answers_as_routed(anyio_backend, 
         wrong = await c.get("/score")  # the router's 405, in the app's error shape
         assert wrong.status_code == 405 and wrong.json()["error"]["reason"] == \
             "method_not_allowed"
+
+
+class Recording:
+    """A transport that records what the protocol writes (one entry per write call; an empty
+    write, h11's end of message, sends nothing and is left out)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data):
+        if data:
+            self.writes.append(bytes(data))
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default)
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+async def _asgi(scope, receive, send):
+    """Fixed length on /fixed, chunked (no content-length) on /stream; reads the body."""
+    while (await receive()).get("more_body"):
+        pass
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one", b"two"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"5")]})
+    await send({"type": "http.response.body", "body": memoryview(b"hello")})
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.anyio
+async def test_one_write_per_fixed_length_answer(parser, anyio_backend):
+    """HeldHead: a fixed-length answer leaves in one write (head and body together, so one
+    syscall and one TCP segment); a HEAD answer, with no body write, still leaves when it
+    completes; a chunked answer's head is not held back; 100 Continue is not held back."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    settings = Settings(http_parser=parser)
+    config = uvicorn.Config(_asgi, **{**transport.uvicorn_options(settings), "loop": "asyncio"})
+    config.load()
+    proto = transport.protocol_for(settings)(config=config, server_state=ServerState(),
+                                             app_state={})
+    wire = Recording()
+    proto.connection_made(wire)
+
+    async def exchange(request: bytes) -> list[bytes]:
+        start = len(wire.writes)
+        proto.data_received(request)
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            if proto.cycle is not None and proto.cycle.response_complete:
+                break
+        return wire.writes[start:]
+
+    fixed = await exchange(b"GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(fixed) == 1 and fixed[0].startswith(b"HTTP/1.1 200 "), fixed
+    assert fixed[0].endswith(b"\r\n\r\nhello")
+    head = await exchange(b"HEAD /fixed HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(head) == 1 and head[0].endswith(b"\r\n\r\n"), head
+    stream = await exchange(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert stream[0].endswith(b"\r\n\r\n") and b"transfer-encoding: chunked" in stream[0].lower()
+    assert len(stream) >= 3, stream  # the head alone, then the chunks as they come
+    if parser == "httptools":  # uvicorn's h11 protocol writes 100 Continue itself too
+        cont = await exchange(b"POST /fixed HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: 2\r\n\r\n")
+        assert cont == [b"HTTP/1.1 100 Continue\r\n\r\n"], cont
+        rest = await exchange(b"ok")
+        assert len(rest) == 1 and rest[0].endswith(b"hello"), rest
+    proto.connection_lost(None)
