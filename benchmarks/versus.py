@@ -153,12 +153,12 @@ def rss_mb(pids: list[int]) -> list[float]:
 
 class Server:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path,
-                 ctype: str, body: Path):
+                 ctype: str, body: Path, cwd: Path = ROOT):
         self.name, self.port, self.ctype, self.body = name, port, ctype, body
         self.url = f"http://127.0.0.1:{port}"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=ROOT, start_new_session=True)
+                                         cwd=cwd, start_new_session=True)
         self.log = log
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     hop_env = dict(kv.split("=", 1) for kv in a.env)
     plans: list[tuple[str, list[str], dict[str, str], Path, str]] = []
+    cwds: dict[str, Path] = {}  # a server run from another tree than this one
     for name in a.servers:
         if name == "hopgate":
             plans.append(("hopgate", [py, "-m", "hopgate.service.server.cli"], hop_env, raw,
@@ -298,19 +299,20 @@ def main(argv: list[str] | None = None) -> None:
         name, _, kvs = v.partition(":")
         env = {**hop_env, **dict(kv.split("=", 1) for kv in kvs.split(",") if kv)}
         plans.append((name, [py, "-m", "hopgate.service.server.cli"], env, raw, "image/jpeg"))
-    if a.before:
-        pkg = before_tree(a.before, tmp / "before")
+    if a.before:  # run from its own tree: cwd first on sys.path, for the workers it starts
+        pkg = before_tree(a.before, tmp / "before")  # with ``-m`` as much as for itself
         module, func = serve_entry(a.before)
-        code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-                f"from {module} import {func}; sys.exit({func}())")
-        plans.append((f"hopgate@{a.before}", [py, "-c", code, str(pkg)], hop_env, raw,
-                      "image/jpeg"))
+        code = f"import sys; from {module} import {func}; sys.exit({func}())"
+        plans.append((f"hopgate@{a.before}", [py, "-c", code], hop_env, raw, "image/jpeg"))
+        cwds[f"hopgate@{a.before}"] = pkg
 
     runs: dict[str, list[list[dict]]] = {}
-    for rnd in range(a.rounds):  # rounds interleave the servers: drift hits them all alike
-        for name, cmd, env, body, ctype in plans:
+    for rnd in range(a.rounds):  # rounds interleave the servers: drift hits them all alike,
+        turn = rnd % len(plans)  # and each round starts with the next: so does any order effect
+        for name, cmd, env, body, ctype in plans[turn:] + plans[:turn]:
             profile_now = a.profile and rnd == a.rounds - 1
-            points, stage = measure(wrk, tmp, a, name, cmd, env, body, ctype, profile_now)
+            points, stage = measure(wrk, tmp, a, name, cmd, env, body, ctype, profile_now,
+                                    cwds.get(name, ROOT))
             runs.setdefault(name, []).append(points)
             out["servers"].setdefault(name, {"settings": env})["rounds"] = runs[name]
             if stage is not None:
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str],
-            env: dict[str, str], body: Path, ctype: str, profile_now: bool
+            env: dict[str, str], body: Path, ctype: str, profile_now: bool, cwd: Path = ROOT
             ) -> tuple[list[dict], dict | None]:
     """Start one server alone, warm it, measure every concurrency, profile, stop it."""
     port = free_port()
@@ -337,7 +339,7 @@ def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str
     script = tmp / f"{name.replace('@', '_')}.lua"
     script.write_text(LUA.format(body=body, ctype=ctype))
     s = Server(name, [c.replace("{port}", str(port)) for c in cmd], full_env, port,
-               tmp / f"{name.replace('@', '_')}.log", ctype, body)
+               tmp / f"{name.replace('@', '_')}.log", ctype, body, cwd)
     stage = None
     try:
         s.wait_ready()

@@ -217,3 +217,29 @@ async def test_one_write_per_fixed_length_answer(parser, anyio_backend):
         rest = await exchange(b"ok")
         assert len(rest) == 1 and rest[0].endswith(b"hello"), rest
     proto.connection_lost(None)
+
+
+@pytest.mark.parametrize("provider", [False, True])
+@pytest.mark.anyio
+async def test_fastapi_telemetry_is_asked_only_when_a_tracer_provider_is_set(
+        provider, anyio_backend, monkeypatch):
+    """With no OpenTelemetry tracer provider, FastAPI's telemetry is off (app.fastapi_telemetry)
+    and it no longer looks up the providers on every request; with one set before the app is
+    made, FastAPI keeps its telemetry."""
+    from fastapi.telemetry import _asgi
+    from opentelemetry import trace
+
+    if provider:
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.NoOpTracerProvider())
+    asked = []
+    real = _asgi._unconfigured
+
+    def counted(p):
+        asked.append(p)
+        return real(p)
+
+    monkeypatch.setattr(_asgi, "_unconfigured", counted)
+    async with in_process() as c:
+        r = await c.post("/score", content=PNG, headers={"content-type": "image/png"})
+        assert r.status_code == 200
+    assert bool(asked) is provider, len(asked)
