@@ -19,9 +19,16 @@ Servers:
     python benchmarks/versus.py [--seconds 10] [--concurrency 1 8 32 128] [--rounds 3]
                                 [--before HEAD]
 
-``--rounds N`` measures every server N times, the servers interleaved (A B C A B C ...), and
-reports per point the round with the median req/s: other jobs on a shared machine then hit
-every server alike. The 1-minute load average before each point is recorded.
+``--rounds N`` measures every server N times, the servers interleaved and the order rotating
+(A B C, B C A, C A B, ...), and reports per point the round with the median req/s: other jobs
+on a shared machine then hit every server alike. With ``--resident`` every server is started
+once and stays up (idle while another is loaded), so a round's points are seconds apart; the
+paired ratios (each round's own hopgate ÷ naive, the median over rounds) are then the figures
+to quote: on this VM, a server restarted per round moved its CPU per image by ±10 % from
+round to round. The 1-minute load average before each point is recorded.
+
+``--before REF`` runs REF's tree from its own directory, so the workers it starts with
+``python -m`` run REF's code too (before, they imported this tree's).
 
 ``wrk`` comes from Debian (``apt-get install -y wrk``); run as root, the benchmark installs it
 itself when it is missing. Output: benchmarks/versus_results.json and benchmarks/versus.md.
@@ -253,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--env", action="append", default=[], help="K=V for every hopgate run")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every server this many times, interleaved; the median counts")
+    p.add_argument("--resident", action="store_true",
+                   help="start every server once and keep it up; each round loads them one "
+                        "at a time (paired rounds, no start-up between them)")
     p.add_argument("--profile", type=int, default=32, metavar="C",
                    help="after the points, profile each server at this concurrency with py-spy "
                         "(stage by stage; 0: do not)")
@@ -307,8 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         cwds[f"hopgate@{a.before}"] = pkg
 
     runs: dict[str, list[list[dict]]] = {}
-    for rnd in range(a.rounds):  # rounds interleave the servers: drift hits them all alike,
-        turn = rnd % len(plans)  # and each round starts with the next: so does any order effect
+    if a.resident:  # every server up at once; the load alternates between them
+        runs = resident(wrk, tmp, a, plans, cwds, out)
+    for rnd in range(0 if a.resident else a.rounds):  # rounds interleave the servers: drift
+        turn = rnd % len(plans)  # hits them all alike, and each round starts with the next
         for name, cmd, env, body, ctype in plans[turn:] + plans[:turn]:
             profile_now = a.profile and rnd == a.rounds - 1
             points, stage = measure(wrk, tmp, a, name, cmd, env, body, ctype, profile_now,
@@ -322,15 +334,14 @@ def main(argv: list[str] | None = None) -> None:
             sorted(pts, key=lambda p: p["req_per_s"])[len(pts) // 2] for pts in zip(*rounds)]
     out["loadavg_end"] = os.getloadavg()
     out["ratios_vs_naive"] = ratios(out["servers"])
+    out["paired_ratios_vs_naive"] = paired(out["servers"])
     a.out.write_text(json.dumps(out, indent=2) + "\n")
     a.markdown.write_text(markdown(out))
-    print(json.dumps(out["ratios_vs_naive"], indent=1))
+    print(json.dumps(out["paired_ratios_vs_naive"] or out["ratios_vs_naive"], indent=1))
 
 
-def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str],
-            env: dict[str, str], body: Path, ctype: str, profile_now: bool, cwd: Path = ROOT
-            ) -> tuple[list[dict], dict | None]:
-    """Start one server alone, warm it, measure every concurrency, profile, stop it."""
+def _start(tmp: Path, a: argparse.Namespace, name: str, cmd: list[str], env: dict[str, str],
+           body: Path, ctype: str, cwd: Path) -> tuple[Server, Path]:
     port = free_port()
     full_env = {**os.environ, "HOPGATE_PORT": str(port), "HOPGATE_HOST": "127.0.0.1",
                 "HOPGATE_MODEL": str(a.model), "PYTHONUNBUFFERED": "1"}
@@ -340,21 +351,61 @@ def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str
     script.write_text(LUA.format(body=body, ctype=ctype))
     s = Server(name, [c.replace("{port}", str(port)) for c in cmd], full_env, port,
                tmp / f"{name.replace('@', '_')}.log", ctype, body, cwd)
+    return s, script
+
+
+def _point(wrk: str, s: Server, script: Path, c: int, seconds: float) -> dict:
+    load = os.getloadavg()[0]
+    pt = {**wrk_point(wrk, s, script, c, seconds), "loadavg_1m_before": load}
+    print(f"{s.name:>16} c={c:<4} {pt['req_per_s']:7.1f} req/s  p50 "
+          f"{pt['p50_ms']:7.2f} ms  p99 {pt['p99_ms']:7.2f} ms  cpu/1k "
+          f"{pt['server_cpu_s_per_1000']:.2f} s  rss {pt['rss_mb_max_process']:.0f}"
+          f" MB ({pt['processes']} proc)  non2xx {pt['non2xx']}  load {load:.2f}", flush=True)
+    return pt
+
+
+def resident(wrk: str, tmp: Path, a: argparse.Namespace, plans: list, cwds: dict[str, Path],
+             out: dict) -> dict[str, list[list[dict]]]:
+    """``--resident``: every server started and warmed once; then, round by round (the order
+    rotating), each alone under load at every concurrency while the others sit idle. A
+    round's points are seconds apart, not a server start apart: the per-round ratios pair."""
+    runs: dict[str, list[list[dict]]] = {}
+    started: list[tuple[Server, Path, dict[str, str]]] = []
+    try:
+        for name, cmd, env, body, ctype in plans:
+            s, script = _start(tmp, a, name, cmd, env, body, ctype, cwds.get(name, ROOT))
+            started.append((s, script, env))
+            s.wait_ready()
+        time.sleep(1.0)
+        for s, script, _ in started:
+            wrk_point(wrk, s, script, 8, 2.0)  # warm: connections, allocator, caches
+        for rnd in range(a.rounds):
+            turn = rnd % len(started)
+            for s, script, env in started[turn:] + started[:turn]:
+                runs.setdefault(s.name, []).append(
+                    [_point(wrk, s, script, c, a.seconds) for c in a.concurrency])
+                out["servers"].setdefault(s.name, {"settings": env})["rounds"] = runs[s.name]
+        if a.profile:
+            for s, script, _ in started:
+                out["servers"][s.name]["stages"] = profile(
+                    wrk, s, script, a.profile, a.seconds, runs[s.name][-1])
+    finally:
+        for s, _, _ in started:
+            s.stop()
+    return runs
+
+
+def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str],
+            env: dict[str, str], body: Path, ctype: str, profile_now: bool, cwd: Path = ROOT
+            ) -> tuple[list[dict], dict | None]:
+    """Start one server alone, warm it, measure every concurrency, profile, stop it."""
+    s, script = _start(tmp, a, name, cmd, env, body, ctype, cwd)
     stage = None
     try:
         s.wait_ready()
         time.sleep(1.0)
         wrk_point(wrk, s, script, 8, 2.0)  # warm: connections, allocator, caches
-        points = []
-        for c in a.concurrency:
-            load = os.getloadavg()[0]
-            pt = {**wrk_point(wrk, s, script, c, a.seconds), "loadavg_1m_before": load}
-            points.append(pt)
-            print(f"{name:>16} c={c:<4} {pt['req_per_s']:7.1f} req/s  p50 "
-                  f"{pt['p50_ms']:7.2f} ms  p99 {pt['p99_ms']:7.2f} ms  cpu/1k "
-                  f"{pt['server_cpu_s_per_1000']:.2f} s  rss {pt['rss_mb_max_process']:.0f}"
-                  f" MB ({pt['processes']} proc)  non2xx {pt['non2xx']}  load {load:.2f}",
-                  flush=True)
+        points = [_point(wrk, s, script, c, a.seconds) for c in a.concurrency]
         if profile_now:
             stage = profile(wrk, s, script, a.profile, a.seconds, points)
     finally:
@@ -382,6 +433,35 @@ def profile(wrk: str, server: Server, script: Path, conc: int, seconds: float,
         return None
     ref = next((p for p in points if p["concurrency"] == conc), holder["point"])
     return stages.breakdown(raw, ref["server_cpu_s_per_1000"])  # s per 1000 = ms per request
+
+
+def paired(servers: dict) -> dict:
+    """Per server and concurrency, the median over rounds of each round's own ratio to the
+    naive server (req/s, CPU per image, p99): with --resident, the pairs are seconds apart."""
+    if "naive" not in servers or len(servers["naive"].get("rounds", [])) < 2:
+        return {}
+    base = servers["naive"]["rounds"]
+    out: dict = {}
+
+    def med(xs: list[float]) -> float:
+        return round(float(np.median(xs)), 3)
+
+    for name, s in servers.items():
+        if name == "naive":
+            continue
+        per: dict = {}
+        for rnd, nrnd in zip(s["rounds"], base):
+            for p, q in zip(rnd, nrnd):
+                r = per.setdefault(str(p["concurrency"]), {"req": [], "cpu": [], "p99": []})
+                r["req"].append(p["req_per_s"] / q["req_per_s"])
+                r["cpu"].append(p["server_cpu_s_per_1000"] / q["server_cpu_s_per_1000"])
+                r["p99"].append(p["p99_ms"] / q["p99_ms"])
+        out[name] = {c: {"throughput_ratio": med(r["req"]), "cpu_ratio": med(r["cpu"]),
+                         "p99_ratio": med(r["p99"]),
+                         "throughput_ratio_rounds": [round(x, 3) for x in r["req"]],
+                         "cpu_ratio_rounds": [round(x, 3) for x in r["cpu"]]}
+                     for c, r in per.items()}
+    return out
 
 
 def ratios(servers: dict) -> dict:
@@ -436,6 +516,15 @@ def markdown(out: dict) -> str:
     if rounds > 1:
         lines += ["", "## Per point, the round with the median req/s", "",
                   *_table(out["servers"], "points")]
+    if out.get("paired_ratios_vs_naive"):
+        lines += ["", "## Paired: each round's own ratio to the naive server, median over "
+                      "rounds", "", "| server | c | × naive req/s | CPU per image ÷ naive's | "
+                      "p99 ÷ naive's | CPU ratio, round by round |", "|---|---|---|---|---|---|"]
+        for name, per in out["paired_ratios_vs_naive"].items():
+            for c, r in per.items():
+                lines.append(f"| {name} | {c} | {r['throughput_ratio']:.3f} | "
+                             f"{r['cpu_ratio']:.3f} | {r['p99_ratio']:.3f} | "
+                             f"{', '.join(f'{x:.3f}' for x in r['cpu_ratio_rounds'])} |")
     for name, s in out["servers"].items():
         if s.get("stages"):
             lines += ["", f"### {name}: server CPU per request by stage (py-spy, "
