@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--servers", nargs="+", default=["hopgate", "naive", "litserve"])
     p.add_argument("--litserve-python", default="/work/litserve-venv/bin/python",
                    help="a python with litserve installed (the peer is skipped without one)")
-    p.add_argument("--before", help="also run hopgate as of this git ref")
+    p.add_argument("--before", action="append", default=[],
+                   help="also run hopgate as of this git ref (repeatable)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:K=V,K=V  another hopgate run with these HOPGATE_* settings")
     p.add_argument("--env", action="append", default=[], help="K=V for every hopgate run")
@@ -309,12 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         name, _, kvs = v.partition(":")
         env = {**hop_env, **dict(kv.split("=", 1) for kv in kvs.split(",") if kv)}
         plans.append((name, [py, "-m", "hopgate.service.server.cli"], env, raw, "image/jpeg"))
-    if a.before:  # run from its own tree: cwd first on sys.path, for the workers it starts
-        pkg = before_tree(a.before, tmp / "before")  # with ``-m`` as much as for itself
-        module, func = serve_entry(a.before)
+    for ref in a.before:  # run from its own tree: cwd first on sys.path, for the workers it
+        pkg = before_tree(ref, tmp / f"before-{ref}")  # starts with ``-m`` as for itself
+        module, func = serve_entry(ref)
         code = f"import sys; from {module} import {func}; sys.exit({func}())"
-        plans.append((f"hopgate@{a.before}", [py, "-c", code], hop_env, raw, "image/jpeg"))
-        cwds[f"hopgate@{a.before}"] = pkg
+        plans.append((f"hopgate@{ref}", [py, "-c", code], hop_env, raw, "image/jpeg"))
+        cwds[f"hopgate@{ref}"] = pkg
 
     runs: dict[str, list[list[dict]]] = {}
     if a.resident:  # every server up at once; the load alternates between them
