@@ -16,6 +16,10 @@ Semantics (in the spirit of Triton's dynamic batcher, stated plainly):
     time, at most ``GATHER_PASSES``: at c=16 the mean batch went from 4 to 8 images and
     req/s up 2-7 %). A worker of several has about one core: a thread
     beside its loop buys no overlap there, only hand-offs (measured in benchmarks/versus_24.md).
+    A lone cheap image goes to the solo session only if it is still alone after those
+    passes: under load the first request read after a batch is alone for a moment (at c=32,
+    42 % of the batches were that one image, on the solo session's threads beside the other
+    worker's batch; now batches of ~16).
   * A batch is padded to the smallest bucket that holds it (all buckets are warmed).
   * The queue is bounded in images: a request that does not fit is rejected at once
     (``QueueFull``), never parked.
@@ -60,6 +64,7 @@ class Item:
     future: asyncio.Future
     log_lambda: float | None = None  # the request's threshold; None: the bundle's
     enqueued: float = field(default_factory=time.monotonic)
+    solo: bool = False  # the only image of the only request in the server, and cheap
 
 
 class Batcher:
@@ -97,11 +102,13 @@ class Batcher:
         items = [Item(img, deadline, loop.create_future(), log_lambda) for img in images]
         self.queue.extend(items)
         self._idle.clear()
-        if self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1 and (
-                getattr(self.runtime, "single_s", float("inf")) <= self.inline_s):
-            self._here(self._take(), solo=True)
-        elif self.on_loop:  # _loop computes once the requests already read have queued too
+        if (self.inflight == 0 and alone and len(items) == 1 and len(self.queue) == 1
+                and getattr(self.runtime, "single_s", float("inf")) <= self.inline_s):
+            items[0].solo = True
+        if self.on_loop:  # _loop computes once the requests already read have queued too
             pass
+        elif items[0].solo:
+            self._here(self._take(), solo=True)
         elif self.inflight == 0:  # a lone request never waits: straight to the runtime thread
             self._start(self._take())
         else:
@@ -156,6 +163,9 @@ class Batcher:
                         continue
             if self.on_loop:
                 await self._gather()
+                if len(self.queue) == 1 and self.queue[0].solo:  # still the only one
+                    self._here(self._take(), solo=True)
+                    continue
             self._start(self._take())
 
     async def _gather(self) -> None:

@@ -43,8 +43,11 @@ class FakeRuntime:
         assert self.release.wait(10)
         return {"score": np.stack(images).reshape(len(images), -1)[:, 0].astype(np.float32)}
 
+    solos = 0  # images run on the solo session
+
     def run_solo(self, image: np.ndarray, log_lambda: float | None = None
                  ) -> dict[str, np.ndarray]:
+        self.solos += 1
         return self.run(image[None], 1, log_lambda)
 
 
@@ -163,6 +166,39 @@ def test_slots_0_waits_for_requests_still_arriving_while_the_queue_grows():
     rt, rows = run(go())
     assert [n for n, _ in rt.batches] == [4]
     assert [float(r[0]["score"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_slots_0_runs_a_lone_image_solo_only_when_no_request_follows_it():
+    """On the loop, an image alone when it was submitted goes to the solo session only if it
+    is still alone after the gather passes; under load the first request read after a batch
+    is alone for a moment, and the next ones (one per loop pass here) join its batch
+    instead (c=32: batches of 1 and ~12 became batches of ~16, no solo runs)."""
+    async def go():
+        rt = FakeRuntime()
+        rt.single_s = 0.0005  # type: ignore[attr-defined]
+        metrics = Metrics([1, 2, 4, 8], [0.0, 1.0])
+        b = Batcher(rt, metrics, [1, 2, 4, 8], 64, 2, 0, inline_ms=2)  # type: ignore[arg-type]
+        b.start()
+        await asyncio.wait_for(asyncio.gather(*b.submit(images(1), later(), alone=True)), 5)
+        lone = (rt.solos, list(rt.batches))
+        loop = asyncio.get_running_loop()
+        futures = list(b.submit(images(1, 10), later(), alone=True))
+
+        def arrive(k: int) -> None:
+            futures.extend(b.submit(images(1, 10 + k), later()))
+            if k < 3:
+                loop.call_soon(arrive, k + 1)
+
+        loop.call_soon(arrive, 1)
+        await wait_for(lambda: len(futures) == 4)
+        rows = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        b.close()
+        return lone, rt, rows
+
+    lone, rt, rows = run(go())
+    assert lone == (1, [(1, 1)])  # alone, and nothing followed: the solo session
+    assert rt.solos == 1 and rt.batches[1:] == [(4, 4)]
+    assert [float(r[0]["score"]) for r in rows] == [10.0, 11.0, 12.0, 13.0]
 
 
 def test_slots_0_keeps_the_runtime_thread_off_the_cpu():
