@@ -74,6 +74,21 @@ def later(seconds: float = 10) -> float:
     return time.monotonic() + seconds
 
 
+async def three_more_arrive(b: Batcher, futures: list[asyncio.Future], start: int) -> list:
+    """Three more one-image requests (images ``start`` + 1..3), one per loop pass after the
+    first's, as clients answered by the last batch send their next ones; every row, in order."""
+    loop = asyncio.get_running_loop()
+
+    def arrive(k: int) -> None:
+        futures.extend(b.submit(images(1, start + k), later()))
+        if k < 3:
+            loop.call_soon(arrive, k + 1)
+
+    loop.call_soon(arrive, 1)
+    await wait_for(lambda: len(futures) == 4)
+    return await asyncio.wait_for(asyncio.gather(*futures), 5)
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -149,17 +164,7 @@ def test_slots_0_waits_for_requests_still_arriving_while_the_queue_grows():
     async def go():
         rt = FakeRuntime()
         b = make(rt, slots=0)
-        loop = asyncio.get_running_loop()
-        futures = list(b.submit(images(1), later()))
-
-        def arrive(k: int) -> None:  # one more request per loop pass
-            futures.extend(b.submit(images(1, k), later()))
-            if k < 3:
-                loop.call_soon(arrive, k + 1)
-
-        loop.call_soon(arrive, 1)
-        await wait_for(lambda: len(futures) == 4)
-        rows = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        rows = await three_more_arrive(b, list(b.submit(images(1), later())), 0)
         b.close()
         return rt, rows
 
@@ -181,17 +186,7 @@ def test_slots_0_runs_a_lone_image_solo_only_when_no_request_follows_it():
         b.start()
         await asyncio.wait_for(asyncio.gather(*b.submit(images(1), later(), alone=True)), 5)
         lone = (rt.solos, list(rt.batches))
-        loop = asyncio.get_running_loop()
-        futures = list(b.submit(images(1, 10), later(), alone=True))
-
-        def arrive(k: int) -> None:
-            futures.extend(b.submit(images(1, 10 + k), later()))
-            if k < 3:
-                loop.call_soon(arrive, k + 1)
-
-        loop.call_soon(arrive, 1)
-        await wait_for(lambda: len(futures) == 4)
-        rows = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        rows = await three_more_arrive(b, list(b.submit(images(1, 10), later(), alone=True)), 10)
         b.close()
         return lone, rt, rows
 
