@@ -186,7 +186,8 @@ async def test_one_write_per_fixed_length_answer(parser, anyio_backend):
     from uvicorn.server import ServerState
 
     settings = Settings(http_parser=parser)
-    config = uvicorn.Config(_asgi, **{**transport.uvicorn_options(settings), "loop": "asyncio"})
+    config = uvicorn.Config(_asgi, log_config=None, access_log=False,
+                            **{**transport.uvicorn_options(settings), "loop": "asyncio"})
     config.load()
     proto = transport.protocol_for(settings)(config=config, server_state=ServerState(),
                                              app_state={})
