@@ -116,12 +116,8 @@ class Runtime:
         if bucket and bucket > n and self.pads:
             pad = np.zeros((bucket - n, *self.shape), dtype=np.uint8)
             images = np.concatenate([images, pad])
-        feed = {INPUT_IMAGES: np.ascontiguousarray(images, dtype=np.uint8)}
-        if log_lambda is not None:  # the request's threshold (threshold.py bounds it)
-            if not self.has_log_lambda:
-                raise ValueError(f"{self.path.name} has no '{INPUT_LOG_LAMBDA}' input")
-            feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
-        out = self.session.run(list(self.outputs), feed, self.plain_options)
+        out = self.session.run(list(self.outputs), self._feed(images, log_lambda),
+                               self.plain_options)
         return {k: v[:n] for k, v in zip(self.outputs, out)}
 
     def run_solo(self, image: np.ndarray, log_lambda: float | None = None
@@ -129,11 +125,18 @@ class Runtime:
         """One image [H, W, C] while nothing else is in flight: on the solo session if any."""
         if self.solo is None:
             return self.run(image[None], 1, log_lambda)
-        feed = {INPUT_IMAGES: image[None]}
-        if log_lambda is not None:
-            feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
-        out = self.solo.run(list(self.outputs), feed)
+        out = self.solo.run(list(self.outputs), self._feed(image[None], log_lambda))
         return dict(zip(self.outputs, out))
+
+    def _feed(self, images: np.ndarray, log_lambda: float | None) -> dict[str, np.ndarray]:
+        """The graph's inputs: uint8 images [n, H, W, C] and the request's threshold, if any
+        (threshold.py bounds it)."""
+        feed = {INPUT_IMAGES: np.ascontiguousarray(images, dtype=np.uint8)}
+        if log_lambda is not None:
+            if not self.has_log_lambda:
+                raise ValueError(f"{self.path.name} has no '{INPUT_LOG_LAMBDA}' input")
+            feed[INPUT_LOG_LAMBDA] = np.asarray(log_lambda, dtype=np.float32)
+        return feed
 
     def _graphs_off(self, why: Exception) -> None:
         """A session without CUDA graphs (e.g. a node the CUDA provider leaves to the CPU
