@@ -320,9 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[list[dict]]] = {}
     if a.resident:  # every server up at once; the load alternates between them
         runs = resident(wrk, tmp, a, plans, cwds, out)
-    for rnd in range(0 if a.resident else a.rounds):  # rounds interleave the servers: drift
-        turn = rnd % len(plans)  # hits them all alike, and each round starts with the next
-        for name, cmd, env, body, ctype in plans[turn:] + plans[:turn]:
+    for rnd in range(0 if a.resident else a.rounds):  # rounds interleave the servers
+        for name, cmd, env, body, ctype in rotated(plans, rnd):
             profile_now = a.profile and rnd == a.rounds - 1
             points, stage = measure(wrk, tmp, a, name, cmd, env, body, ctype, profile_now,
                                     cwds.get(name, ROOT))
@@ -355,6 +354,18 @@ def _start(tmp: Path, a: argparse.Namespace, name: str, cmd: list[str], env: dic
     return s, script
 
 
+def rotated(items: list, rnd: int) -> list:
+    """Round ``rnd``'s order: drift hits every server alike, and each round starts with the
+    next one, so does any effect of going first."""
+    turn = rnd % len(items)
+    return items[turn:] + items[:turn]
+
+
+def _warm(wrk: str, s: Server, script: Path) -> None:
+    time.sleep(1.0)
+    wrk_point(wrk, s, script, 8, 2.0)  # warm: connections, allocator, caches
+
+
 def _point(wrk: str, s: Server, script: Path, c: int, seconds: float) -> dict:
     load = os.getloadavg()[0]
     pt = {**wrk_point(wrk, s, script, c, seconds), "loadavg_1m_before": load}
@@ -377,12 +388,10 @@ def resident(wrk: str, tmp: Path, a: argparse.Namespace, plans: list, cwds: dict
             s, script = _start(tmp, a, name, cmd, env, body, ctype, cwds.get(name, ROOT))
             started.append((s, script, env))
             s.wait_ready()
-        time.sleep(1.0)
         for s, script, _ in started:
-            wrk_point(wrk, s, script, 8, 2.0)  # warm: connections, allocator, caches
+            _warm(wrk, s, script)
         for rnd in range(a.rounds):
-            turn = rnd % len(started)
-            for s, script, env in started[turn:] + started[:turn]:
+            for s, script, env in rotated(started, rnd):
                 runs.setdefault(s.name, []).append(
                     [_point(wrk, s, script, c, a.seconds) for c in a.concurrency])
                 out["servers"].setdefault(s.name, {"settings": env})["rounds"] = runs[s.name]
@@ -404,8 +413,7 @@ def measure(wrk: str, tmp: Path, a: argparse.Namespace, name: str, cmd: list[str
     stage = None
     try:
         s.wait_ready()
-        time.sleep(1.0)
-        wrk_point(wrk, s, script, 8, 2.0)  # warm: connections, allocator, caches
+        _warm(wrk, s, script)
         points = [_point(wrk, s, script, c, a.seconds) for c in a.concurrency]
         if profile_now:
             stage = profile(wrk, s, script, a.profile, a.seconds, points)
