@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from hopgate import resample
+
 
 def resample_for(src: tuple[int, int], dst: tuple[int, int]) -> Image.Resampling:
     """LANCZOS when the image shrinks (in either axis), BILINEAR when it grows or keeps its size.
@@ -83,11 +85,11 @@ def as_policy(resize: str | Resize) -> Resize:
     return resize if isinstance(resize, Resize) else Resize(resize)
 
 
-def _resized(img: Image.Image, size: tuple[int, int], policy: Resize) -> Image.Image:
+def _resized(img: Image.Image, size: tuple[int, int], policy: Resize) -> np.ndarray:
     if img.size == size:
-        return img
+        return np.asarray(img)
     f = resample_for(img.size, size) if policy.filter == "auto" else FILTERS[policy.filter]
-    return img.resize(size, f)
+    return resample.resize(img, size, f)  # Pillow's img.resize(size, f), bit for bit
 
 
 def fit(img: Image.Image, height: int, width: int, resize: str | Resize = "stretch"
@@ -104,9 +106,8 @@ def fit(img: Image.Image, height: int, width: int, resize: str | Resize = "stret
     if p.mode == "shorter_side":  # aspect kept, the long side truncated as torchvision does
         k = max(outer[0] / img.width, outer[1] / img.height)
         outer = (max(outer[0], int(img.width * k)), max(outer[1], int(img.height * k)))
-    img = _resized(img, outer, p)
-    if img.size != (width, height):  # centred, rounded as torchvision's center_crop
-        left, top = round((img.width - width) / 2), round((img.height - height) / 2)
-        img = img.crop((left, top, left + width, top + height))
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = _resized(img, outer, p)
+    if arr.shape[:2] != (height, width):  # centred, rounded as torchvision's center_crop
+        top, left = round((arr.shape[0] - height) / 2), round((arr.shape[1] - width) / 2)
+        arr = np.ascontiguousarray(arr[top:top + height, left:left + width])
     return arr[..., None] if arr.ndim == 2 else arr

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
 from .errors import V2_PREFIX, ServingError, Unavailable, error_response
+from .server.board import Board
 
 SCORED = re.compile(r"^(/score|/v2/models/.+/infer)$")
 
@@ -53,6 +54,7 @@ class Admission:
         self.app, self.app_state, self.settings = app, app_state, settings
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.active = 0  # admitted scoring requests not yet answered
+        self.board = Board.inherited()  # ... and the other workers' (server/board.py)
         self.idle = asyncio.Event()
         self.idle.set()
         self.proxied = frozenset(settings.proxy_routes)
@@ -96,13 +98,22 @@ class Admission:
         scope.setdefault("state", {})["admitted"] = True
         self.active += 1
         self.idle.clear()
+        if self.board is not None:
+            self.board.set(self.active)
         try:
             await self.app(scope, counted, send)
         finally:
             self.budget.give(held)
             self.active -= 1
+            if self.board is not None:
+                self.board.set(self.active)
             if self.active == 0:
                 self.idle.set()
+
+    def alone(self) -> bool:
+        """No other scoring request is in flight: here (admitted, not yet answered) or in
+        another worker of the machine."""
+        return self.active <= 1 and not (self.board is not None and self.board.others_busy())
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send,
                       e: ServingError) -> None:

@@ -74,9 +74,9 @@ class Scorer:
         self.stats = Stats()
 
     def alone(self) -> bool:
-        """No other scoring request is in the server (admitted and not yet answered)."""
+        """No other scoring request is in flight on the machine (admission.Admission.alone)."""
         admission = getattr(self.app_state, "admission", None)
-        return admission is not None and admission.active <= 1
+        return admission is not None and admission.alone()
 
     def model_info(self) -> ModelInfo:
         return self._model_info

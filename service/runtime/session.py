@@ -10,10 +10,14 @@ runs by default; off here (``spinning``), as they otherwise take cores from the 
 the decoders.
 
 The solo session (``solo_threads``): a worker of several gets cores ÷ workers threads, right
-for batches when every worker is busy; the only request in the server (batcher.py's inline
-path) runs on a second session with ``solo_threads`` (every usable core), as the other workers'
-cores are idle then. Paired on 2 cores, default bundle: c=1 p50 1.31 against 1.51 ms; a 73 MB
-EfficientNet-Lite0 bundle: 8.4 against 11.1 ms per image, for a second copy of its weights
+for batches when every worker is busy; the only request on the machine (batcher.py's inline
+path; the other workers idle, server/board.py) runs on a second session with ``solo_threads``
+(every usable core), as the other workers' cores are idle then. Its threads spin while a run
+lasts and stop when it returns (``spin_within_runs``): the default bundle's lone image took
+0.81 ms with sleeping threads, no faster than one thread (0.76: waking a thread for each of
+its small operators costs what the split saves), and 0.48 ms spinning, for 0.91 against 0.83
+CPU ms per run; spinning between runs too cost 1.77 CPU ms per run. A 73 MB EfficientNet-Lite0
+bundle: 8.4 against 11.1 ms per image (sleeping threads), for a second copy of its weights
 (+82 MB RSS).
 
 IOBinding (``io_binding``, binding.py) runs every batch on buffers bound once per bucket; on by
@@ -85,7 +89,8 @@ class Runtime:
         # has fewer than the machine (its threads idle while only one request is in)
         self.solo: Any = None
         if (self.provider == "CPUExecutionProvider" and 0 < intra_op_threads < solo_threads):
-            self.solo = ort.InferenceSession(str(self.path), options(ort, solo_threads),
+            self.solo = ort.InferenceSession(str(self.path),
+                                             options(ort, solo_threads, spin_within_runs=True),
                                              providers=["CPUExecutionProvider"])
         self.has_log_lambda = check_graph(self.session, self.meta, self.path)
         self.outputs = served_outputs({o.name for o in self.session.get_outputs()})
@@ -199,13 +204,17 @@ class Runtime:
 
 
 def options(ort: Any, intra_op_threads: int, inter_op_threads: int = 1,
-            spinning: bool = False) -> Any:
-    """A serving session's options: its threads, and no busy-waiting unless asked."""
+            spinning: bool = False, spin_within_runs: bool = False) -> Any:
+    """A serving session's options: its threads, and no busy-waiting unless asked:
+    ``spinning`` between runs too, ``spin_within_runs`` only while a run lasts (onnxruntime's
+    ``session.force_spinning_stop``: the pool stops spinning when the run returns)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the overridable log_lambda initializer is intended
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
-    if not spinning:
+    if spin_within_runs and not spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    elif not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts

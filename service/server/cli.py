@@ -74,6 +74,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+def one_blas_thread() -> None:
+    """NumPy's BLAS on the calling thread only. The server's only matrix products are the
+    resize's small ones (hopgate/resample.py: 112 x 112 x 28 for the default bundle), and
+    OpenBLAS splits any product above 2**18 multiply-adds over a pool of threads that keep
+    spinning after it returns: CPU the worker's one core should spend on requests."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain between the signal and the exit."""
 
@@ -87,6 +97,7 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:  # the bundle is loaded: what exists now lives as long as the server
             freeze_start_up()
+            one_blas_thread()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:  # second signal: leave now

@@ -15,7 +15,8 @@ PREFIX = "HOPGATE_"
 # HOPGATE_ variables that are not service settings: the worker supervisor's inherited sockets
 # (workers.py) and the scripts' and tests' own knobs (scripts/test, scripts/build-image,
 # tests/service/test_page.py)
-NOT_SETTINGS = frozenset({"HOPGATE_LISTEN_FD", "HOPGATE_ADMIN_FD", "HOPGATE_SKIP_LINT",
+NOT_SETTINGS = frozenset({"HOPGATE_LISTEN_FD", "HOPGATE_ADMIN_FD", "HOPGATE_BOARD_FD",
+                          "HOPGATE_WORKER_INDEX", "HOPGATE_SKIP_LINT",
                           "HOPGATE_IMAGE", "HOPGATE_DEBIAN_MIRROR", "HOPGATE_SCREENSHOTS"})
 # what Kubernetes injects for a Service whose name starts with "hopgate" (service links:
 # HOPGATE_SERVICE_HOST, HOPGATE_PORT_8000_TCP_ADDR ...); not ours to refuse

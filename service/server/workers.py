@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from . import board
+
 CGROUP = Path("/sys/fs/cgroup")  # cpu.max and memory.max (v2), memory/ (v1)
 LISTEN_FD = "HOPGATE_LISTEN_FD"  # set by the supervisor for each worker: its listening socket
 ADMIN_FD = "HOPGATE_ADMIN_FD"  # ... and the admin port's, in sidecar mode (sidecar/passthrough.py)
@@ -155,11 +157,17 @@ def supervise(host: str, port: int, workers: int, argv: list[str],
     # ... and a worker's batches on its event loop: with about one core each, a runtime thread
     # beside the loop overlaps nothing and costs two hand-offs per batch (batcher.py)
     env.setdefault("HOPGATE_BATCH_SLOTS", "0")
+    # ... and which of them are busy: a lone request spins two threads only on an idle machine
+    shared = board.create(workers)
+    if shared is not None:
+        env[board.BOARD_FD] = str(shared)
+        fds.append(shared)
     cmd = [sys.executable, "-m", "hopgate.service.server.cli", *argv]
     procs = []
     for k in range(workers):
         sock = socks[k % len(socks)]
-        procs.append(subprocess.Popen(cmd, env={**env, LISTEN_FD: str(sock.fileno())},
+        procs.append(subprocess.Popen(cmd, env={**env, LISTEN_FD: str(sock.fileno()),
+                                                board.WORKER_INDEX: str(k)},
                                       pass_fds=(sock.fileno(), *fds)))
     stopping = False
 

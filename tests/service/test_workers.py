@@ -53,6 +53,11 @@ def test_two_workers_share_one_port_and_drain_on_sigterm(tmp_path):
         assert len({_listening_socket(k) for k in kids}) == 2
         # each computes its batches on its event loop (issue 24: no runtime thread per worker)
         assert {_environ(k).get("HOPGATE_BATCH_SLOTS") for k in kids} == {"0"}
+        # ... and share one board, a slot each (server/board.py: a lone image spins the solo
+        # session's threads only when the other worker is idle)
+        boards = {os.readlink(f"/proc/{k}/fd/{_environ(k)['HOPGATE_BOARD_FD']}") for k in kids}
+        assert len(boards) == 1 and boards.pop().startswith("/memfd:hopgate-board")
+        assert sorted(_environ(k)["HOPGATE_WORKER_INDEX"] for k in kids) == ["0", "1"]
         with httpx.Client(base_url=s.url, timeout=30) as c:
             deadline = time.monotonic() + 60  # both workers ready (each answers /readyz)
             for _ in range(20):
@@ -107,3 +112,19 @@ def test_the_default_serves_with_the_chosen_workers_and_says_so(tmp_path):
     assert log.count('"message": "workers: ') == 1, log
     assert f'"message": "workers: {n} (' in log
     assert len(kids) == (n if n > 1 else 0)
+
+
+def test_a_worker_keeps_numpys_blas_to_one_thread():
+    """The resize's products (hopgate/resample.py: 112 x 112 x 28 for the default bundle) are
+    above OpenBLAS's threshold for splitting over its threads, which spin after returning;
+    a worker sets NumPy's BLAS to one thread at start (cli.DrainingServer.startup)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from hopgate.service.server.cli import one_blas_thread
+
+    blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("NumPy without a BLAS threadpoolctl knows")
+    with threadpool_limits(limits=None):  # put back as it was afterwards
+        one_blas_thread()
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}
