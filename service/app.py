@@ -210,7 +210,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   telemetry=fastapi_telemetry(),  # type: ignore[arg-type]
                   docs_url=None, redoc_url=None,  # page.py serves /docs offline
                   description="OOD gatekeeper: RecLag modern-Hopfield memories on onnxruntime.")
-    app.add_middleware(direct.Direct)  # innermost: POST /score without the router
+    proxied = {(m, path): proxy.proxy for path in settings.proxy_routes
+               for m in settings.proxy_methods}
+    app.add_middleware(direct.Direct, routes=proxied)  # innermost: the hot routes, no router
     init_state(app, settings)
     app.add_middleware(Envelope, app_state=app.state, settings=settings)  # outside Admission
     install_handlers(app)

@@ -120,14 +120,17 @@ class Scorer:
         return [o for o in out if o is not None]
 
     async def run(self, images: list[np.ndarray], deadline: float,
-                  log_lambda: float | None = None) -> list[Row | ServingError]:
-        """Queue decoded images; each entry is the raw output row (+timings) or an error."""
+                  log_lambda: float | None = None, beside: bool = False
+                  ) -> list[Row | ServingError]:
+        """Queue decoded images; each entry is the raw output row (+timings) or an error.
+        ``beside``: something else computes on the machine meanwhile (the classifier, in
+        speculative and shadow mode), so a lone image does not take every core (no solo)."""
         if not images:
             return []
         retry = self.settings.retry_after_s
         t0 = time.perf_counter_ns()
         try:
-            futures = self.batcher.submit(images, deadline, alone=self.alone(),
+            futures = self.batcher.submit(images, deadline, alone=not beside and self.alone(),
                                           log_lambda=log_lambda)
         except QueueFull:
             raise self._queue_full() from None
@@ -213,9 +216,10 @@ class Scorer:
                 for r in await self.rows(blobs, deadline, log_lambda)]
 
     async def rows(self, blobs: list[bytes | ImageError], deadline: float,
-                   log_lambda: float | None = None) -> list[Row | ServingError]:
+                   log_lambda: float | None = None, beside: bool = False
+                   ) -> list[Row | ServingError]:
         """Decode and run: one raw output row (or its error) per input, in order (the
-        sidecar's ID path needs no ``ImageResult``: sidecar/proxy.py)."""
+        sidecar's ID path needs no ``ImageResult``: sidecar/proxy.py); ``beside`` as ``run``'s."""
         todo = [i for i, b in enumerate(blobs) if not isinstance(b, ImageError)]
         decoded: dict[int, np.ndarray | ServingError] = {
             i: b for i, b in enumerate(blobs) if isinstance(b, ImageError)}
@@ -223,8 +227,8 @@ class Scorer:
                                                     if not isinstance(b, ImageError)], deadline)))
         good = [i for i in range(len(blobs)) if isinstance(decoded[i], np.ndarray)]
         images = [d for i in good if isinstance(d := decoded[i], np.ndarray)]
-        rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(images, deadline,
-                                                                            log_lambda)))
+        rows: dict[int, Row | ServingError] = dict(zip(good, await self.run(
+            images, deadline, log_lambda, beside)))
         out: list[Row | ServingError] = []
         for i in range(len(blobs)):
             r = rows.get(i, decoded[i])
