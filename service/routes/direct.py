@@ -17,7 +17,7 @@ logged with its request id), exactly as from a routed request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import Request, Response
 from starlette.exceptions import HTTPException
@@ -26,12 +26,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..errors import ServingError
 from . import score as routes_score
 
-
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class Direct:
-    def __init__(self, app: ASGIApp, routes: dict[tuple[str, str], Endpoint] | None = None):
+    def __init__(self, app: ASGIApp, routes: Mapping[tuple[str, str], Endpoint] | None = None):
         self.app = app
         self.routes = {("POST", "/score"): routes_score.score, **(routes or {})}
 
