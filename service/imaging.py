@@ -129,21 +129,19 @@ def decode(data: bytes, height: int, width: int, channels: int, resize: str | Re
     ``max_cost``, ``TooCostly`` before anything is decoded when ``cost_of`` exceeds it."""
     fmt = sniff(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=[fmt])
-            if opened.width * opened.height > max_pixels:
-                raise ImageError(413, f"image has {opened.width}x{opened.height} pixels; the "
-                                      f"limit is {max_pixels}")
-            if max_cost is not None and (cost := cost_of(opened, height, width,
-                                                         channels)) > max_cost:
-                raise TooCostly(cost)
-            opened.seek(0)  # animated: the first frame
-            if fmt == "JPEG":  # DCT-domain downscale, kept at >= DRAFT_MARGIN x the model size
-                side = DRAFT_MARGIN * max(height, width)
-                opened.draft(None, (side, side))
-            opened.load()
-            img = _to_mode(ImageOps.exif_transpose(opened), channels)
+        opened = Image.open(io.BytesIO(data), formats=[fmt])  # set_pillow_limit's filter
+        if opened.width * opened.height > max_pixels:
+            raise ImageError(413, f"image has {opened.width}x{opened.height} pixels; the "
+                                  f"limit is {max_pixels}")
+        if max_cost is not None and (cost := cost_of(opened, height, width,
+                                                     channels)) > max_cost:
+            raise TooCostly(cost)
+        opened.seek(0)  # animated: the first frame
+        if fmt == "JPEG":  # DCT-domain downscale, kept at >= DRAFT_MARGIN x the model size
+            side = DRAFT_MARGIN * max(height, width)
+            opened.draft(None, (side, side))
+        opened.load()
+        img = _to_mode(ImageOps.exif_transpose(opened), channels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -168,5 +166,9 @@ def _clean(e: Exception) -> str:
 
 
 def set_pillow_limit(max_pixels: int) -> None:
-    """Pillow raises DecompressionBombError above 2x this; we warn->error above 1x."""
+    """Pillow raises DecompressionBombError above 2x this, and its warning above 1x is made
+    an error. The filter is the process's, set once: ``warnings.catch_warnings`` around each
+    decode swapped the process's filter list per image, from the loop and the decode threads
+    at once (not thread-safe before Python 3.14), and cost ~3 us an image."""
     Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)

@@ -32,6 +32,7 @@ from hopgate.bundle import BundleError
 from ..config import Settings
 from ..runtime import cuda
 from ..runtime.session import check_bundle
+from .logs import JsonFormatter, PassHandler
 from .memory import freeze_start_up, return_freed_memory
 from .preflight import api_key_file_problem, log_level_problem, port_problem, unknown_variable
 from .transport import uvicorn_options
@@ -39,39 +40,6 @@ from .workers import ADMIN_FD, LISTEN_FD, choose, inherited_socket, listen_socke
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-
-class JsonFormatter(logging.Formatter):
-    _second, _stamp = -1, ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """logging's default time format, the date part formatted once a second (one line
-        per request: strftime each time cost as much as the rest of the line)."""
-        second = int(record.created)
-        if second != self._second:
-            self._second, self._stamp = second, time.strftime(
-                "%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
-
-    def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
-        doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
-        access = record.__dict__.get("access")
-        if isinstance(access, dict):  # app.py's access line: its fields, formatted once
-            doc.update(access)
-        elif msg.startswith("{"):
-            try:
-                doc.update(json.loads(msg))
-            except ValueError:
-                doc["message"] = msg
-        else:
-            doc["message"] = msg
-        for key in ("request_id", "path"):  # set with logging's extra= (app.py's 500s)
-            if key in record.__dict__:
-                doc[key] = record.__dict__[key]
-        if record.exc_info:  # the traceback of an unhandled error, in the same JSON line
-            doc["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
 
 
 def one_blas_thread() -> None:
@@ -184,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hopgate-serve: setting error: {settings_problem(e, overrides)}", file=sys.stderr)
         return 2
 
-    handler = logging.StreamHandler(sys.stdout)
+    handler = PassHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     # the JSON lines use none of these: no stack walk, thread or process lookup per record

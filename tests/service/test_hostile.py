@@ -128,7 +128,7 @@ async def test_a_bug_is_a_counted_logged_500_that_leaks_nothing(anyio_backend, c
     assert counts(text)[("500", "internal")] == 2
     rec = [x for x in caplog.records if x.getMessage() == "unhandled error"]
     assert rec and rec[0].exc_info and rec[0].__dict__["request_id"] == "req-42"
-    from hopgate.service.server.cli import JsonFormatter
+    from hopgate.service.server.logs import JsonFormatter
 
     line = json.loads(JsonFormatter().format(rec[0]))
     assert line["request_id"] == "req-42" and "RuntimeError" in line["exc_info"]
