@@ -450,6 +450,34 @@ async def test_speculative_mode_calls_while_scoring_and_drops_ood_answers(images
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("speculative", [False, True])
+async def test_a_request_scored_beside_the_classifier_takes_no_solo_session(
+        images, monkeypatch, speculative):
+    """Speculative mode scores while the classifier computes, often on the same node's
+    cores: a lone image then keeps to its worker's thread (not ``alone``, so no solo
+    session spinning every core under the classifier); enforce mode forwards after scoring,
+    so its lone image is alone. Mutation caught: the proxy not telling the scorer."""
+    from hopgate.service.batcher import Batcher
+
+    seen: list[bool] = []
+    submit = Batcher.submit
+
+    def recording(self, images, deadline, alone=False, log_lambda=None):
+        seen.append(alone)
+        return submit(self, images, deadline, alone, log_lambda)
+
+    monkeypatch.setattr(Batcher, "submit", recording)
+    stub = Classifier()
+    try:
+        async with sidecar(stub, speculative=speculative) as c:
+            r = await c.post("/predict", content=images[0], headers={"content-type": "image/png"})
+            assert r.status_code == 200
+    finally:
+        stub.close()
+    assert seen == [not speculative]
+
+
+@pytest.mark.anyio
 async def test_score_gate_answers_carry_the_verdict_headers(images):
     """/score in gatekeeper mode: the verdict headers on the 502 of an unreachable upstream
     and on the OOD refusal (mutation caught: Gate.__call__ not adding them)."""
