@@ -14,10 +14,10 @@ Pillow's bytes exactly. Pillow 13 runs the vertical pass first when the height s
 than twice as many pixels as the width; before 13 it always ran the horizontal pass first.
 
 ``tests/test_resample.py`` compares it with the installed Pillow on random geometries, images
-and filters; ``resize`` also checks itself against Pillow on the first image of each geometry
-and hands that geometry back to Pillow for good if they ever differ. Used by ``hopgate.pixels.fit``
-for images of at most ``MAX_PIXELS`` (the float64 copies are 8 bytes a pixel); larger ones
-and other filters go to Pillow.
+and filters; ``resize`` also checks itself against Pillow on a geometry's second image (the
+first is Pillow's alone: a size seen once is not worth its weights) and hands that geometry
+back to Pillow for good if they differ. Used by ``hopgate.pixels.fit`` for images and outputs
+of at most ``MAX_SIDE`` pixels a side; larger ones and other filters go to Pillow.
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ import numpy as np
 import PIL
 from PIL import Image
 
-__all__ = ["MAX_PIXELS", "resize"]
+__all__ = ["MAX_SIDE", "resize"]
 
 log = logging.getLogger("hopgate.resample")
 
 PRECISION_BITS = 22  # Resample.c: 32 - 8 - 2
-MAX_PIXELS = 1 << 18  # larger sources go to Pillow: their float64 copies would cost MBs
+# larger images or outputs go to Pillow: a pass is a dense product (its cost and its weight
+# matrix grow with source x output side), the float64 copies cost 8 bytes a pixel, and the
+# cache holds at most WEIGHTS matrices of at most MAX_SIDE^2 (512 KB) each
+MAX_SIDE = 256
+WEIGHTS = 32
+MAX_GEOMETRIES = 4096
 _VERTICAL_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13
 
 
@@ -74,7 +79,7 @@ FILTERS = {Image.Resampling.BOX: (_box, 0.5), Image.Resampling.BILINEAR: (_bilin
            Image.Resampling.BICUBIC: (_bicubic, 2.0), Image.Resampling.LANCZOS: (_lanczos, 3.0)}
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=WEIGHTS)
 def weights(in_size: int, out_size: int, resample: Image.Resampling) -> np.ndarray:
     """``[in_size, out_size]``: Pillow's fixed-point weights of one axis (column j holds
     output pixel j's taps), as float64 integers times 2**-22 (a power of two: still exact, and
@@ -123,27 +128,40 @@ def _passes(x: np.ndarray, size: tuple[int, int], resample: Image.Resampling) ->
     return horizontal(vertical(x)) if vertical_first else vertical(horizontal(x))
 
 
-_checked: dict[tuple, bool] = {}  # geometry -> agreed with Pillow on its first image
+SEEN, AGREES, DIFFERS = 1, 2, 0
+_geometries: dict[tuple, int] = {}  # (mode, size in, size out, filter) -> SEEN/AGREES/DIFFERS
+
+
+def _eligible(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> bool:
+    return (img.mode in ("L", "RGB") and resample in FILTERS
+            and max(*img.size, *size) <= MAX_SIDE)
 
 
 def resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """``img.resize(size, resample)`` as a uint8 array (``[H, W]`` or ``[H, W, 3]``)."""
-    if (img.mode not in ("L", "RGB") or resample not in FILTERS
-            or img.width * img.height > MAX_PIXELS):
+    """``img.resize(size, resample)`` as a uint8 array (``[H, W]`` or ``[H, W, 3]``).
+
+    A geometry's first image is Pillow's (a size seen once is not worth computing weights
+    for, in Python: clients that send every size keep Pillow's speed); its second is computed
+    both ways and compared; from then on the matrices serve it, or Pillow for good if the
+    two ever differed."""
+    if not _eligible(img, size, resample):
         return np.asarray(img.resize(size, resample))
     key = (img.mode, img.size, size, resample)
-    if _checked.get(key) is False:
+    state = _geometries.get(key)
+    if state is None or state == DIFFERS:
+        if state is None:
+            if len(_geometries) >= MAX_GEOMETRIES:  # bounded: old ones are just seen again
+                _geometries.clear()
+            _geometries[key] = SEEN
         return np.asarray(img.resize(size, resample))
     a = np.asarray(img)
     x = a[None] if a.ndim == 2 else np.moveaxis(a, 2, 0)
     out = _passes(x.astype(np.float64), size, resample).astype(np.uint8)
     out = out[0] if a.ndim == 2 else np.ascontiguousarray(np.moveaxis(out, 0, 2))
-    if key not in _checked:
-        if len(_checked) > 1024:  # bounded: many geometries just get checked again
-            _checked.clear()
+    if state == SEEN:
         ref = np.asarray(img.resize(size, resample))
-        _checked[key] = bool(np.array_equal(ref, out))
-        if not _checked[key]:
+        _geometries[key] = AGREES if np.array_equal(ref, out) else DIFFERS
+        if _geometries[key] == DIFFERS:
             log.warning("resize %s %s -> %s (%s) differs from Pillow %s's: Pillow resizes it",
                         img.mode, img.size, size, resample.name, PIL.__version__)
             return ref

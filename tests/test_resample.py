@@ -73,23 +73,40 @@ def test_the_matrix_passes_are_pillows_bytes_on_random_geometries():
 
 def test_the_default_models_geometry_is_computed_not_handed_to_pillow(monkeypatch):
     """112 -> 28 px LANCZOS (a 224 px JPEG drafted to 112 for the 28 px default model): the
-    matrix path serves it, and its bytes are Pillow's. Mutation caught: ``resize`` always
+    first image is Pillow's, the second is computed and compared, and from the third on the
+    matrices alone serve it, with Pillow's bytes. Mutation caught: ``resize`` always
     returning Pillow's answer (the fast path never taken)."""
-    img = _image(np.random.default_rng(1), 112, 112, "L", 2)
-    want = np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS))
-    resample._checked.clear()
-    assert np.array_equal(resample.resize(img, (28, 28), Image.Resampling.LANCZOS), want)
+    resample._geometries.clear()
+    lanczos = Image.Resampling.LANCZOS
+    for seed in range(2):
+        img = _image(np.random.default_rng(seed), 112, 112, "L", 2)
+        assert np.array_equal(resample.resize(img, (28, 28), lanczos),
+                              np.asarray(img.resize((28, 28), lanczos)))
+    assert resample._geometries[("L", (112, 112), (28, 28), lanczos)] == resample.AGREES
     monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("Pillow called"))
     for seed in range(3):
         other = _image(np.random.default_rng(seed + 2), 112, 112, "L", seed % 3)
-        assert resample.resize(other, (28, 28), Image.Resampling.LANCZOS).shape == (28, 28)
+        assert resample.resize(other, (28, 28), lanczos).shape == (28, 28)
 
 
-def test_a_geometry_that_ever_disagrees_with_pillow_goes_back_to_pillow(monkeypatch, caplog):
-    """The first image of each geometry is checked against Pillow; a disagreement (here:
-    weights deliberately off by one step) is logged once and that geometry is Pillow's from
-    then on. Mutation caught: the check's result ignored (the wrong bytes served)."""
-    resample._checked.clear()
+def test_a_size_seen_once_is_pillows_and_costs_no_weights(monkeypatch):
+    """Clients that send every size: each new geometry goes to Pillow, no weights computed
+    (in Python, they cost more than Pillow's resize for one image). Mutation caught: the
+    weights built on a geometry's first image."""
+    resample._geometries.clear()
+    monkeypatch.setattr(resample, "weights", lambda *a: pytest.fail("weights computed"))
+    rng = np.random.default_rng(5)
+    for w in range(60, 90):
+        img = _image(rng, w, 2 * w, "RGB", 0)
+        assert np.array_equal(resample.resize(img, (28, 28), Image.Resampling.LANCZOS),
+                              np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS)))
+
+
+def test_a_geometry_that_disagrees_with_pillow_goes_back_to_pillow(monkeypatch, caplog):
+    """A geometry's second image is computed both ways; a disagreement (here: weights
+    deliberately off) is logged once and that geometry is Pillow's from then on. Mutation
+    caught: the comparison's result ignored (the wrong bytes served)."""
+    resample._geometries.clear()
     resample.weights.cache_clear()
     good = resample.weights
 
@@ -99,27 +116,33 @@ def test_a_geometry_that_ever_disagrees_with_pillow_goes_back_to_pillow(monkeypa
     monkeypatch.setattr(resample, "weights", off)
     rng = np.random.default_rng(7)
     with caplog.at_level(logging.WARNING, "hopgate.resample"):
-        for _ in range(3):
+        for _ in range(4):
             img = _image(rng, 90, 70, "RGB", 0)
             want = np.asarray(img.resize((30, 20), Image.Resampling.BICUBIC))
             assert np.array_equal(resample.resize(img, (30, 20), Image.Resampling.BICUBIC),
                                   want)
     assert sum("differs from Pillow" in r.message for r in caplog.records) == 1
-    resample._checked.clear()
+    resample._geometries.clear()
 
 
-def test_large_images_and_other_filters_go_to_pillow():
-    """Above MAX_PIXELS (the float64 copies would cost MBs) and for NEAREST or HAMMING: Pillow
-    itself, same bytes."""
+def test_large_images_and_other_filters_go_to_pillow(monkeypatch):
+    """Sides above MAX_SIDE (a pass is a dense product, its weights a cached matrix) and
+    NEAREST or HAMMING: Pillow itself, same bytes."""
+    resample._geometries.clear()
+    monkeypatch.setattr(resample, "weights", lambda *a: pytest.fail("weights computed"))
     rng = np.random.default_rng(3)
-    side = int(resample.MAX_PIXELS ** 0.5) + 1
-    img = _image(rng, side, side, "L", 0)
-    assert np.array_equal(resample.resize(img, (28, 28), Image.Resampling.LANCZOS),
-                          np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS)))
+    big = _image(rng, resample.MAX_SIDE + 1, 64, "L", 0)
     small = _image(rng, 50, 40, "RGB", 0)
-    for f in (Image.Resampling.NEAREST, Image.Resampling.HAMMING):
-        assert np.array_equal(resample.resize(small, (20, 10), f),
-                              np.asarray(small.resize((20, 10), f)))
+    for _ in range(3):  # seen again and again: still Pillow's
+        assert np.array_equal(resample.resize(big, (28, 28), Image.Resampling.LANCZOS),
+                              np.asarray(big.resize((28, 28), Image.Resampling.LANCZOS)))
+        assert np.array_equal(resample.resize(small, (resample.MAX_SIDE + 1, 10),
+                                              Image.Resampling.BILINEAR),
+                              np.asarray(small.resize((resample.MAX_SIDE + 1, 10),
+                                                      Image.Resampling.BILINEAR)))
+        for f in (Image.Resampling.NEAREST, Image.Resampling.HAMMING):
+            assert np.array_equal(resample.resize(small, (20, 10), f),
+                                  np.asarray(small.resize((20, 10), f)))
 
 
 @pytest.mark.parametrize("policy", [Resize(), Resize("center_crop"),
