@@ -8,7 +8,9 @@ loopback, answering ``POST /predict`` with a small JSON after ``--delay-ms``) is
 p50 through the gate - p50 direct, the two called alternately, one request each in turn
 (so the load of a shared machine hits both alike). Runs: the stub answering at once,
 enforce mode; the stub taking 5 ms, enforce mode and speculative mode
-(``HOPGATE_SPECULATIVE``).
+(``HOPGATE_SPECULATIVE``). The speculative run is measured beside the floor of any hop, in
+the same rotation: a bare TCP relay (``relay``: bytes copied both ways, no HTTP) and the
+gate's own unscored passthrough (a path of the data port that is not a proxied route).
 
 Part 2, the two shapes: the classifier runs the bundle's own network (``--model``; the
 stub then decodes the image as the bundle states and runs the bundle's graph with
@@ -30,6 +32,7 @@ The machine is named in the results: benchmarks/sidecar_results.json and benchma
                                  [--label NAME] [--image ID_IMAGE] [--parts 1,2]
                                  [--out benchmarks/sidecar]
     python benchmarks/sidecar.py stub PORT DELAY_MS [MODEL]    (the classifier, internal)
+    python benchmarks/sidecar.py relay PORT STUB_PORT          (the bare relay, internal)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import http.client
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -152,14 +156,6 @@ def sequential(url: str, path: str, body: bytes, n: int, warm: int = 20) -> list
     return rotation([(url, path)], body, n, warm, timeout=30)[0]
 
 
-def paired(a: str, b: str, path: str, body: bytes, n: int, warm: int = 20
-           ) -> tuple[list[float], list[float]]:
-    """``n`` requests to each of ``a`` and ``b``, alternating one by one (each on its own
-    keep-alive connection), so that whatever else the machine does hits both alike."""
-    direct, through = rotation([(a, path), (b, path)], body, n, warm)
-    return direct, through
-
-
 def concurrent(url: str, path: str, body: bytes, n: int, clients: int) -> float:
     """req/s with ``clients`` threads, each sending ``n`` requests in a row."""
     sequential(url, path, body, 5, 0)
@@ -193,39 +189,104 @@ def gate(tmp: Path, model: str, **settings):
         yield s
 
 
+def run_relay(port: int, upstream: int) -> None:
+    """The floor of any hop: a bare TCP relay (asyncio, uvloop where there is one) that
+    copies bytes both ways between each client connection and one to the stub."""
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", upstream)
+        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        import uvloop
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+@contextmanager
+def relay(upstream: str):
+    from hopgate.service.server.local import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "relay", str(port),
+                             upstream.rsplit(":", 1)[1]])
+    try:
+        for _ in range(200):
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def added_latency(model: str, body: bytes, n: int, tmp: Path, rounds: int) -> list[dict]:
-    """Per run, ``rounds`` rounds of ``n`` paired requests; the round with the median added
-    p50 is reported, with every round's added p50 beside it."""
+    """Per run, ``rounds`` rounds of ``n`` requests to each target in turn; the round with
+    the median added p50 is reported, with every round's added p50 beside it. The speculative
+    run is taken beside the floor of a hop, in the same rotation: a bare TCP relay, and the
+    gate's own unscored passthrough (another path on its data port, sidecar/passthrough.py)."""
     rows = []
     for label, delay, extra in (("stub at once, enforce", 0.0, {}),
                                 ("stub 5 ms, enforce", 5.0, {}),
                                 ("stub 5 ms, speculative", 5.0, {"speculative": "true"})):
         with stub(delay) as up, gate(tmp, model, upstream_url=up + "/predict",
-                                     proxy_routes='["/predict"]', **extra) as g:
-            measured = []
-            for _ in range(rounds):
-                direct, through = paired(up, g.url, "/predict", body, n)
-                d, t = summary(direct), summary(through)
-                measured.append((round(t["p50_ms"] - d["p50_ms"], 3), d, t))
-        measured.sort(key=lambda m: m[0])
-        added, d, t = measured[len(measured) // 2]
-        rows.append({"run": label, "direct": d, "through_gate": t, "added_p50_ms": added,
-                     "added_p50_ms_rounds": [m[0] for m in measured]})
-        print(f"{label}: direct p50 {d['p50_ms']} ms, through the gate {t['p50_ms']} ms, "
-              f"added {rows[-1]['added_p50_ms']} ms", flush=True)
+                                     proxy_routes='["/predict"]', **extra) as g, \
+                relay(up) as bare:
+            names = [label]
+            targets = [(up, "/predict"), (g.url, "/predict")]
+            if extra:
+                names += ["stub 5 ms, bare TCP relay (the floor of a hop)",
+                          "stub 5 ms, gate passthrough (unscored path)"]
+                targets += [(bare, "/predict"), (g.url, "/other")]
+            measured: list[list] = [[] for _ in names]
+            for k in range(rounds):
+                direct, *through = rotation(targets, body, n, shuffled=random.Random(k))
+                d = summary(direct)
+                for m, t in zip(measured, map(summary, through)):
+                    m.append((round(t["p50_ms"] - d["p50_ms"], 3), d, t))
+        for name, m in zip(names, measured):
+            m.sort(key=lambda x: x[0])
+            added, d, t = m[len(m) // 2]
+            rows.append({"run": name, "direct": d, "through_gate": t, "added_p50_ms": added,
+                         "added_p50_ms_rounds": [x[0] for x in m]})
+            print(f"{name}: direct p50 {d['p50_ms']} ms, through {t['p50_ms']} ms, "
+                  f"added {added} ms", flush=True)
     return rows
 
 
 def rotation(targets: list[tuple[str, str]], body: bytes, n: int, warm: int = 20,
-             timeout: float = 60) -> list[list[float]]:
+             timeout: float = 60, shuffled: random.Random | None = None) -> list[list[float]]:
     """``n`` requests to each (url, path), one to each in turn (each its own keep-alive
-    connection), so that whatever else the machine does hits them alike."""
+    connection), so that whatever else the machine does hits them alike; ``shuffled``: each
+    turn in another order, so that no target always follows the same one (on this VM the
+    added p50 of one target moved by 0.5 ms with the target before it: which processes
+    had just run, and how long the others had slept)."""
     conns = [(http.client.HTTPConnection(*u.removeprefix("http://").split(":"),
                                          timeout=timeout), p) for u, p in targets]
     headers = {"content-type": "image/png"}
     times: list[list[float]] = [[] for _ in targets]
+    turn = list(zip(conns, times))
     for i in range(warm + n):
-        for (conn, path), out in zip(conns, times):
+        if shuffled is not None:
+            shuffled.shuffle(turn)
+        for (conn, path), out in turn:
             t0 = time.perf_counter()
             conn.request("POST", path, body, headers)
             r = conn.getresponse()
@@ -302,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stub"]:
         run_stub(int(argv[1]), float(argv[2]), argv[3] if len(argv) > 3 else None)
+        return 0
+    if argv[:1] == ["relay"]:
+        run_relay(int(argv[1]), int(argv[2]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200)
