@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def run_stub(port: int, delay_ms: float, model: str | None) -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
+    serve(handle, port)
+
+
+def serve(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+          port: int) -> None:
+    """``handle`` each connection on loopback ``port``, forever (uvloop where there is one)."""
     async def main() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", port)
         async with server:
@@ -116,11 +123,17 @@ def run_stub(port: int, delay_ms: float, model: str | None) -> None:
 
 @contextmanager
 def stub(delay_ms: float, model: str | None = None):
+    with launched("stub", str(delay_ms), *([model] if model else [])) as url:
+        yield url
+
+
+@contextmanager
+def launched(role: str, *args: str):
+    """This script as ``role`` (``stub``, ``relay``) on a free port; its URL once it listens."""
     from hopgate.service.server.local import free_port
 
     port = free_port()
-    cmd = [sys.executable, __file__, "stub", str(port), str(delay_ms), *([model] if model else [])]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen([sys.executable, __file__, role, str(port), *args])
     try:
         for _ in range(200):
             try:
@@ -205,36 +218,13 @@ def run_relay(port: int, upstream: int) -> None:
         ur, uw = await asyncio.open_connection("127.0.0.1", upstream)
         await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        async with server:
-            await server.serve_forever()
-
-    try:
-        import uvloop
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    serve(handle, port)
 
 
 @contextmanager
 def relay(upstream: str):
-    from hopgate.service.server.local import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "relay", str(port),
-                             upstream.rsplit(":", 1)[1]])
-    try:
-        for _ in range(200):
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with launched("relay", upstream.rsplit(":", 1)[1]) as url:
+        yield url
 
 
 def added_latency(model: str, body: bytes, n: int, tmp: Path, rounds: int) -> list[dict]:
