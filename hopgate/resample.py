@@ -137,6 +137,15 @@ def _eligible(img: Image.Image, size: tuple[int, int], resample: Image.Resamplin
             and max(*img.size, *size) <= MAX_SIDE)
 
 
+def computed(img: Image.Image, size: tuple[int, int], resample: Image.Resampling
+             ) -> np.ndarray:
+    """The matrix passes alone, as ``resize`` serves them (no comparison with Pillow)."""
+    a = np.asarray(img)
+    x = a[None] if a.ndim == 2 else np.moveaxis(a, 2, 0)
+    out = _passes(x.astype(np.float64), size, resample).astype(np.uint8)
+    return out[0] if a.ndim == 2 else np.ascontiguousarray(np.moveaxis(out, 0, 2))
+
+
 def resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     """``img.resize(size, resample)`` as a uint8 array (``[H, W]`` or ``[H, W, 3]``).
 
@@ -148,16 +157,13 @@ def resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) 
         return np.asarray(img.resize(size, resample))
     key = (img.mode, img.size, size, resample)
     state = _geometries.get(key)
+    if state is None:
+        if len(_geometries) >= MAX_GEOMETRIES:  # bounded: old ones are just seen again
+            _geometries.clear()
+        _geometries[key] = SEEN
     if state is None or state == DIFFERS:
-        if state is None:
-            if len(_geometries) >= MAX_GEOMETRIES:  # bounded: old ones are just seen again
-                _geometries.clear()
-            _geometries[key] = SEEN
         return np.asarray(img.resize(size, resample))
-    a = np.asarray(img)
-    x = a[None] if a.ndim == 2 else np.moveaxis(a, 2, 0)
-    out = _passes(x.astype(np.float64), size, resample).astype(np.uint8)
-    out = out[0] if a.ndim == 2 else np.ascontiguousarray(np.moveaxis(out, 0, 2))
+    out = computed(img, size, resample)
     if state == SEEN:
         ref = np.asarray(img.resize(size, resample))
         _geometries[key] = AGREES if np.array_equal(ref, out) else DIFFERS

@@ -8,7 +8,7 @@ only request on the machine, or only in this worker? The solo session's threads
 cores: at c=2 the server's CPU per image rose by a third and its p99 doubled. With the board,
 a worker whose peers are busy runs its lone image on its own one-thread session instead.
 
-No locks: a slot is one aligned 8-byte word, written by one process; a reader that sees a
+No locks: a slot is two aligned 8-byte words, written by one process; a reader that sees a
 value a moment old makes a slightly worse choice of session, nothing more. Without
 ``os.memfd_create`` (not Linux) there is no board, and every worker counts only itself.
 """
